@@ -14,7 +14,7 @@ def check_embeddings_labels(
     *,
     name: str = "embeddings",
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Validates a batch and returns ``(embeddings float32 [B, D], labels int32 [B], where bool [B])``.
+    """Validates a batch; returns ``(embeddings f32 [B, D], labels int32 [B], where bool [B])``.
 
     Raises:
       ValueError: naming the argument and its shape when ``embeddings`` is not a floating

@@ -39,7 +39,7 @@ def l2_normalize(x: jax.typing.ArrayLike, axis: int = -1, eps: float = 1e-12) ->
 
 
 def dot_products(x: jax.typing.ArrayLike, y: jax.typing.ArrayLike | None = None) -> jax.Array:
-    """``x @ y.T`` in float32 at full precision. ``x`` ``[N, D]``, ``y`` ``[M, D]`` -> ``[N, M]``."""
+    """``x @ y.T`` in float32, full precision: ``x`` ``[N, D]``, ``y`` ``[M, D]`` -> ``[N, M]``."""
     x = _f32(x)
     y = x if y is None else _f32(y)
     return jnp.matmul(x, y.T, precision=jax.lax.Precision.HIGHEST)

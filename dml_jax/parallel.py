@@ -30,7 +30,11 @@ import jax.numpy as jnp
 
 def _is_tracked(x: jax.Array, axis_name: str) -> bool:
     """Whether JAX's varying-manual-axes typing tracks ``axis_name`` for ``x``."""
-    vma = getattr(jax.typeof(x), "vma", frozenset())
+    aval = jax.typeof(x)
+    vma = getattr(aval, "vma", None)  # jax 0.7-0.9 spelling
+    if vma is None:
+        mat = getattr(aval, "mat", None)  # jax >= 0.10: manual-axis type
+        vma = getattr(mat, "varying", frozenset())
     return axis_name in vma
 
 

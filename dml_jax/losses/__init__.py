@@ -1,0 +1,17 @@
+"""Pure, jit-compiled metric-learning losses.
+
+Every loss takes ``(embeddings [B, D], labels [B], *, <hyper-parameters>, where=None,
+axis_name=None)`` and returns a float32 scalar; see ``../shared/API.md`` and each docstring.
+"""
+
+from dml_jax.losses.lifted import lifted_structure_loss
+from dml_jax.losses.multi_similarity import multi_similarity_loss
+from dml_jax.losses.pair import contrastive_loss
+from dml_jax.losses.triplet import triplet_loss
+
+__all__ = [
+    "contrastive_loss",
+    "lifted_structure_loss",
+    "multi_similarity_loss",
+    "triplet_loss",
+]

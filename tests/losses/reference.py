@@ -1,0 +1,136 @@
+"""Plain NumPy (float64) loop references written from the papers' equations.
+
+Deliberately naive: explicit loops over pairs/triplets, no vectorisation, no shared code with
+``dml_jax``. ``where`` is handled by dropping the masked rows first.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def _drop(e, y, where):
+    e = np.asarray(e, np.float64)
+    y = np.asarray(y)
+    if where is not None:
+        keep = np.asarray(where, bool)
+        e, y = e[keep], y[keep]
+    return e, y
+
+
+def dist(a, b):
+    return math.sqrt(sum((float(x) - float(z)) ** 2 for x, z in zip(a, b)))
+
+
+def cos(a, b):
+    na = math.sqrt(sum(float(x) ** 2 for x in a))
+    nb = math.sqrt(sum(float(x) ** 2 for x in b))
+    if na == 0 or nb == 0:
+        return 0.0
+    return sum(float(x) * float(z) for x, z in zip(a, b)) / (na * nb)
+
+
+def relu(x):
+    return x if x > 0 else 0.0
+
+
+def contrastive(e, y, pos_margin=0.0, neg_margin=1.0, where=None):
+    e, y = _drop(e, y, where)
+    n = len(y)
+    ps, ns = [], []
+    for i in range(n):
+        for j in range(n):
+            if i == j:
+                continue
+            d = dist(e[i], e[j])
+            if y[i] == y[j]:
+                ps.append(relu(d - pos_margin))
+            else:
+                ns.append(relu(neg_margin - d))
+    return (np.mean(ps) if ps else 0.0) + (np.mean(ns) if ns else 0.0)
+
+
+def triplet(e, y, margin=0.2, mining="all", where=None):
+    e, y = _drop(e, y, where)
+    n = len(y)
+    D = [[dist(e[i], e[j]) for j in range(n)] for i in range(n)]
+    terms = []
+    for a in range(n):
+        pos = [p for p in range(n) if p != a and y[p] == y[a]]
+        neg = [k for k in range(n) if y[k] != y[a]]
+        if mining == "all":
+            for p in pos:
+                for k in neg:
+                    terms.append(relu(D[a][p] - D[a][k] + margin))
+        elif mining == "batch_hard":
+            if pos and neg:
+                terms.append(relu(max(D[a][p] for p in pos) - min(D[a][k] for k in neg) + margin))
+        elif mining == "semi_hard":
+            if not neg:
+                continue
+            for p in pos:
+                harder = [D[a][k] for k in neg if D[a][k] > D[a][p]]
+                d_an = min(harder) if harder else max(D[a][k] for k in neg)
+                terms.append(relu(D[a][p] - d_an + margin))
+        else:
+            raise ValueError(mining)
+    return float(np.mean(terms)) if terms else 0.0
+
+
+def lifted(e, y, neg_margin=1.0, pos_margin=0.0, where=None):
+    e, y = _drop(e, y, where)
+    n = len(y)
+    terms = []
+    for i in range(n):
+        for j in range(n):
+            if i == j or y[i] != y[j]:
+                continue
+            s = 0.0
+            for k in range(n):
+                if y[k] != y[i]:
+                    s += math.exp(neg_margin - dist(e[i], e[k]))
+            for m in range(n):
+                if y[m] != y[j]:
+                    s += math.exp(neg_margin - dist(e[j], e[m]))
+            if s == 0.0:
+                terms.append(0.0)
+                continue
+            J = math.log(s) + dist(e[i], e[j]) - pos_margin
+            terms.append(0.5 * relu(J) ** 2)
+    return float(np.mean(terms)) if terms else 0.0
+
+
+def multi_similarity(e, y, alpha=2.0, beta=50.0, base=0.5, epsilon=None, where=None):
+    e, y = _drop(e, y, where)
+    n = len(y)
+    if n == 0:
+        return 0.0
+    out = []
+    for i in range(n):
+        pos = [j for j in range(n) if j != i and y[j] == y[i]]
+        neg = [k for k in range(n) if y[k] != y[i]]
+        S = {j: cos(e[i], e[j]) for j in range(n)}
+        if epsilon is not None:
+            min_pos = min((S[j] for j in pos), default=math.inf)
+            max_neg = max((S[k] for k in neg), default=-math.inf)
+            neg = [k for k in neg if S[k] + epsilon > min_pos]
+            pos = [j for j in pos if S[j] - epsilon < max_neg]
+        lp = math.log1p(sum(math.exp(-alpha * (S[j] - base)) for j in pos)) / alpha
+        ln = math.log1p(sum(math.exp(beta * (S[k] - base)) for k in neg)) / beta
+        out.append(lp + ln)
+    return float(np.mean(out))
+
+
+def numerical_grad(f, e, eps=1e-5):
+    """Central finite differences of a float64 scalar function of ``e`` ``[B, D]``."""
+    e = np.asarray(e, np.float64)
+    g = np.zeros_like(e)
+    for idx in np.ndindex(*e.shape):
+        hi = e.copy()
+        lo = e.copy()
+        hi[idx] += eps
+        lo[idx] -= eps
+        g[idx] = (f(hi) - f(lo)) / (2 * eps)
+    return g
