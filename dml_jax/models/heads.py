@@ -55,9 +55,7 @@ class EmbeddingHead(nnx.Module):
         self.pooling = pooling
         self.normalize = l2_normalize
         self.bn = BatchNorm(in_features, rngs=rngs) if batchnorm else None
-        self.linear = (
-            nnx.Linear(in_features, embedding_dim, rngs=rngs) if embedding_dim else None
-        )
+        self.linear = nnx.Linear(in_features, embedding_dim, rngs=rngs) if embedding_dim else None
         self.embedding_dim = embedding_dim if embedding_dim else in_features
 
     def pool(self, x: jax.Array) -> jax.Array:
@@ -147,9 +145,7 @@ class MultiLevelHead(nnx.Module):
         )
         self.embedding_dim = sum(h.embedding_dim for h in self.heads.values())
 
-    def __call__(
-        self, features: Mapping[str, jax.Array]
-    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    def __call__(self, features: Mapping[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
         """``(concatenated embedding [B, sum E], {stage: embedding [B, E]})``."""
         missing = [n for n in self.levels if n not in features]
         if missing:

@@ -25,9 +25,7 @@ class SmallCNN(nnx.Module):
     Shapes: ``x`` ``[B, H, W, in_channels]`` float32 -> ``[B, widths[-1]]``.
     """
 
-    def __init__(
-        self, in_channels: int = 1, widths: Sequence[int] = (32, 64), *, rngs: nnx.Rngs
-    ):
+    def __init__(self, in_channels: int = 1, widths: Sequence[int] = (32, 64), *, rngs: nnx.Rngs):
         if not widths:
             raise ValueError("SmallCNN needs at least one conv block (widths is empty).")
         self.in_channels = in_channels
