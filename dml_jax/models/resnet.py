@@ -7,13 +7,14 @@ The classifier ``fc`` is not part of the backbone.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
-import numpy as np
 from flax import nnx
 
-from dml_jax.models._torch_state import StateDictReader
+from dml_jax.models._torch_state import StateDictReader, load_state_dict
 from dml_jax.models.attention import MixedAttention
 from dml_jax.models.convert import assert_all_concrete, load_batchnorm, load_conv
 from dml_jax.models.layers import BatchNorm, conv, global_pool, max_pool
@@ -218,7 +219,7 @@ def resnet101(*, rngs: nnx.Rngs, **kwargs) -> ResNet:
 
 
 def resnet_from_torch(
-    state: Mapping[str, np.ndarray],
+    state: Mapping[str, Any] | str | os.PathLike,
     arch: str = "resnet50",
     *,
     attention_after: Sequence[str] = (),
@@ -231,6 +232,7 @@ def resnet_from_torch(
     in torchvision checkpoints and are initialised from ``rngs`` (default ``nnx.Rngs(0)``).
     The returned module is in eval mode.
     """
+    state = load_state_dict(state)
     if arch not in CONFIGS:
         raise ValueError(f"Unknown ResNet {arch!r}; known: {sorted(CONFIGS)}.")
     # Build abstractly (cheap), fill from the state dict, then initialise the attention

@@ -118,3 +118,75 @@ def to_nchw(x: np.ndarray) -> torch.Tensor:
 def param_count(model: nn.Module) -> int:
     """torch's parameter count (no buffers)."""
     return sum(p.numel() for p in model.parameters())
+
+
+class TAttention(nn.Module):
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.num_heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        b, n, d = x.shape
+        h = self.num_heads
+        qkv = self.qkv(x).reshape(b, n, 3, h, d // h).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        att = (q @ k.transpose(-2, -1)) * (d // h) ** -0.5
+        out = att.softmax(-1) @ v
+        return self.proj(out.transpose(1, 2).reshape(b, n, d))
+
+
+class TMlp(nn.Module):
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class TBlock(nn.Module):
+    def __init__(self, dim, heads, hidden):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = TAttention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = TMlp(dim, hidden)
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class TPatchEmbed(nn.Module):
+    def __init__(self, dim, patch):
+        super().__init__()
+        self.proj = nn.Conv2d(3, dim, patch, patch)
+
+    def forward(self, x):
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class TViT(nn.Module):
+    """timm.models.vision_transformer.VisionTransformer (class token, no fc_norm), same names."""
+
+    def __init__(self, dim=384, depth=12, heads=6, patch=16, img=224, num_classes=1000):
+        super().__init__()
+        n = (img // patch) ** 2
+        self.patch_embed = TPatchEmbed(dim, patch)
+        self.cls_token = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
+        self.pos_embed = nn.Parameter(torch.randn(1, n + 1, dim) * 0.02)
+        self.blocks = nn.Sequential(*[TBlock(dim, heads, 4 * dim) for _ in range(depth)])
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.head = nn.Linear(dim, num_classes)
+
+    def pooled(self, x):
+        t = self.patch_embed(x)
+        t = torch.cat([self.cls_token.expand(t.shape[0], -1, -1), t], 1) + self.pos_embed
+        return self.norm(self.blocks(t))[:, 0]
+
+    def forward(self, x):
+        return self.head(self.pooled(x))
