@@ -1,10 +1,24 @@
 """Evaluation: retrieval, clustering, person re-ID and classification metrics.
 
-Every function here works on host NumPy copies of the embeddings for bookkeeping and runs the
-heavy search on the accelerator (or faiss on CPU); memory is O(block x N), never O(N^2).
+Heavy work (distance tiles, k-means) runs on the accelerator, or on faiss when it is installed
+and JAX runs on CPU; bookkeeping is float64 NumPy on the host. Memory is O(block x N), never
+O(N^2). See ``docs/evaluation.md``.
 """
 
+from dml_jax.evaluation.clustering import (
+    clustering_metrics,
+    kmeans,
+    normalized_mutual_info,
+    pairwise_f1,
+)
 from dml_jax.evaluation.knn import knn
 from dml_jax.evaluation.retrieval import retrieval_metrics
 
-__all__ = ["knn", "retrieval_metrics"]
+__all__ = [
+    "clustering_metrics",
+    "kmeans",
+    "knn",
+    "normalized_mutual_info",
+    "pairwise_f1",
+    "retrieval_metrics",
+]
