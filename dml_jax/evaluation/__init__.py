@@ -5,6 +5,7 @@ and JAX runs on CPU; bookkeeping is float64 NumPy on the host. Memory is O(block
 O(N^2). See ``docs/evaluation.md``.
 """
 
+from dml_jax.evaluation.classification import classification_metrics, knn_classify
 from dml_jax.evaluation.clustering import (
     clustering_metrics,
     kmeans,
@@ -12,13 +13,17 @@ from dml_jax.evaluation.clustering import (
     pairwise_f1,
 )
 from dml_jax.evaluation.knn import knn
+from dml_jax.evaluation.reid import reid_metrics
 from dml_jax.evaluation.retrieval import retrieval_metrics
 
 __all__ = [
+    "classification_metrics",
     "clustering_metrics",
     "kmeans",
     "knn",
+    "knn_classify",
     "normalized_mutual_info",
     "pairwise_f1",
+    "reid_metrics",
     "retrieval_metrics",
 ]
