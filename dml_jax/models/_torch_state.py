@@ -106,8 +106,7 @@ class StateDictReader:
         value = self._state[key]
         if shape is not None and tuple(value.shape) != tuple(shape):
             raise ValueError(
-                f"{self.arch}: key {key!r} has shape {tuple(value.shape)}, expected "
-                f"{tuple(shape)}."
+                f"{self.arch}: key {key!r} has shape {tuple(value.shape)}, expected {tuple(shape)}."
             )
         self._taken.add(key)
         if np.issubdtype(value.dtype, np.floating):
