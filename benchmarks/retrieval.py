@@ -96,6 +96,9 @@ def compare(name, a, b, tol=1e-12):
 def run(n, dim, per_class, repeats, full):
     import faiss
     import jax
+    import torch  # imported up front: every contender runs in the same process state
+
+    del torch
 
     x, y = make_data(n, dim, per_class)
     ks = (1, 2, 4, 8)

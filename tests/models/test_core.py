@@ -22,19 +22,21 @@ from dml_jax.models import (
     temporal_average_pool,
 )
 
+# One architecture for most tests: eager initialisers compile once per shape (slow on CPU).
+CFG = {"name": "small_cnn", "embedding_dim": 16, "num_classes": 4, "head_batchnorm": True}
+
 
 def _digits(b=64, seed=0):
     return jax.random.uniform(jax.random.key(seed), (b, 8, 8, 1))
 
 
 def test_small_cnn_shapes():
-    m = SmallCNN(1, (16, 32), rngs=nnx.Rngs(0))
-    x = _digits(4)
-    f = m.features(x)
+    m = nnx.eval_shape(lambda: SmallCNN(1, (16, 32, 48), rngs=nnx.Rngs(0)))
+    f = nnx.eval_shape(lambda m, x: m.features(x), m, _digits(4))
     assert f["conv1"].shape == (4, 8, 8, 16)
     assert f["conv2"].shape == (4, 4, 4, 32)
-    assert m(x).shape == (4, 32) and m.num_features == 32
-    np.testing.assert_allclose(f["pooled"], m(x), rtol=1e-6)
+    assert f["conv3"].shape == (4, 2, 2, 48)
+    assert f["pooled"].shape == (4, 48) and m.num_features == 48
 
 
 @pytest.mark.parametrize("pooling", ["avg", "max", "avgmax"])
@@ -62,20 +64,21 @@ def test_cosine_classifier():
 
 
 def test_build_model_small_cnn_contract():
-    cfg = {"name": "small_cnn", "embedding_dim": 16, "num_classes": 10, "head_batchnorm": True}
-    model = build_model(cfg, rngs=nnx.Rngs(0))
-    emb, aux = model(_digits(6))
+    model = build_model(CFG, rngs=nnx.Rngs(0))
+    emb, aux = nnx.jit(lambda m, x: m(x))(model, _digits(6))
     assert emb.shape == (6, 16)
     assert aux["features"].shape == (6, model.num_features)
-    assert aux["logits"].shape == (6, 10)
+    assert aux["logits"].shape == (6, 4)
+    np.testing.assert_allclose(aux["features"], model.backbone(_digits(6)), rtol=1e-5)
     np.testing.assert_allclose(jnp.linalg.norm(emb, axis=-1), 1.0, rtol=1e-5)
 
 
 def test_build_model_configdict_and_errors():
     ml_collections = pytest.importorskip("ml_collections")
-    cfg = ml_collections.ConfigDict({"name": "small_cnn", "embedding_dim": 8, "pooling": "max"})
-    emb, aux = build_model(cfg, rngs=nnx.Rngs(0))(_digits(2))
-    assert emb.shape == (2, 8) and "logits" not in aux
+    cfg = ml_collections.ConfigDict({"name": "small_cnn", "embedding_dim": 16, "pooling": "max"})
+    model = nnx.eval_shape(lambda: build_model(cfg, rngs=nnx.Rngs(0)))
+    emb, aux = nnx.eval_shape(lambda m, x: m(x), model, _digits(2))
+    assert emb.shape == (2, 16) and "logits" not in aux
     with pytest.raises(ValueError, match="resnet50"):
         build_model({"name": "nope"}, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="embeding_dim"):
@@ -85,16 +88,16 @@ def test_build_model_configdict_and_errors():
 def test_classifier_on_features_and_multi_level():
     cfg = {
         "name": "small_cnn",
-        "embedding_dim": 4,
+        "embedding_dim": 16,
         "num_classes": 3,
         "classifier_input": "features",
         "multi_level": ["conv1", "conv2"],
         "return_stages": True,
     }
     model = build_model(cfg, rngs=nnx.Rngs(0))
-    emb, aux = model(_digits(2))
-    assert emb.shape == (2, 8)
-    assert aux["embedding/conv1"].shape == (2, 4) and aux["embedding/conv2"].shape == (2, 4)
+    emb, aux = nnx.jit(lambda m, x: m(x))(model, _digits(2))
+    assert emb.shape == (2, 32)
+    assert aux["embedding/conv1"].shape == (2, 16) and aux["embedding/conv2"].shape == (2, 16)
     both = jnp.concatenate([aux["embedding/conv1"], aux["embedding/conv2"]], -1)
     np.testing.assert_allclose(emb, both)
     assert aux["logits"].shape == (2, 3)
@@ -114,12 +117,14 @@ def test_temporal_pooling():
     out = temporal_average_pool(frames, mask)
     np.testing.assert_allclose(out[0], frames[0, :2].mean(0))
     np.testing.assert_allclose(out[1], frames[1, 0])
-    model = build_model({"name": "small_cnn", "embedding_dim": 4}, rngs=nnx.Rngs(0))
+    model = build_model(CFG, rngs=nnx.Rngs(0))
     model.eval()
     clips = jax.random.uniform(jax.random.key(0), (2, 3, 8, 8, 1))
-    set_emb, aux = TemporalPooling(model)(clips)
-    assert set_emb.shape == (2, 4) and aux["frame_embeddings"].shape == (2, 3, 4)
-    np.testing.assert_allclose(aux["frame_embeddings"][1, 2], model(clips[1, 2:3])[0][0], rtol=1e-5)
+    fwd = nnx.jit(lambda m, x: m(x))
+    set_emb, aux = fwd(TemporalPooling(model), clips)
+    assert set_emb.shape == (2, 16) and aux["frame_embeddings"].shape == (2, 3, 16)
+    one = fwd(model, clips[1, 2:3])[0][0]
+    np.testing.assert_allclose(aux["frame_embeddings"][1, 2], one, rtol=1e-5, atol=1e-6)
 
 
 def test_batchnorm_unbiased_running_var_like_torch():
@@ -146,8 +151,7 @@ def _train_step(model, opt, x, y):
 
 
 def test_freeze_batchnorm_really_freezes():
-    cfg = {"name": "small_cnn", "embedding_dim": 8, "num_classes": 4, "freeze_bn": True}
-    model = build_model(cfg, rngs=nnx.Rngs(0))
+    model = build_model(dict(CFG, freeze_bn=True), rngs=nnx.Rngs(0))
     # A plain nnx.BatchNorm is frozen too (the generic path used for other engineers' models).
     model.backbone.extra = nnx.BatchNorm(3, rngs=nnx.Rngs(1))
     freeze_batchnorm(model.backbone)
@@ -168,14 +172,14 @@ def test_freeze_batchnorm_really_freezes():
     assert not np.allclose(conv_before, model.backbone.convs[0].kernel[...])
     # nnx.view asking for batch statistics is ignored too.
     view = nnx.view(model, use_running_average=False)
-    view(_digits(4))
+    nnx.jit(lambda m, x: m(x))(view, _digits(4))
     jax.tree.map(np.testing.assert_array_equal, before, bn_state())
     # the head's BatchNorm is not frozen by freeze_bn
     assert not models.is_frozen(model.head.linear) and models.is_frozen(model.backbone.bns[0])
 
 
 def test_unfrozen_batchnorm_updates():
-    model = build_model({"name": "small_cnn", "num_classes": 4}, rngs=nnx.Rngs(0))
+    model = build_model(CFG, rngs=nnx.Rngs(0))
     opt = nnx.Optimizer(model, optax.sgd(0.5), wrt=nnx.Param)
     model.train()
     before = np.array(model.backbone.bns[0].mean[...])
@@ -184,7 +188,7 @@ def test_unfrozen_batchnorm_updates():
 
 
 def test_small_cnn_train_step_is_fast():
-    model = build_model({"name": "small_cnn", "num_classes": 10}, rngs=nnx.Rngs(0))
+    model = build_model(dict(CFG, num_classes=10), rngs=nnx.Rngs(0))
     opt = nnx.Optimizer(model, optax.adam(1e-3), wrt=nnx.Param)
     model.train()
     graphdef, state = nnx.split((model, opt))
