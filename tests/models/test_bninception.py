@@ -258,7 +258,16 @@ def test_misshaped_key_is_named(reference):
         bninception_from_torch(state)
 
 
-def test_classifier_keys_are_ignored(reference):
-    state = _np_state(reference)
+def test_classifier_keys_are_ignored_and_pth_files_load(reference, tmp_path):
+    state = reference.state_dict()
     assert "last_linear.weight" in state
-    bninception_from_torch(state)
+    torch.save(state, tmp_path / "bninception.pth")
+    model = bninception_from_torch(tmp_path / "bninception.pth")
+    np.testing.assert_array_equal(
+        np.asarray(model.inception_4d_pool_proj.conv.bias[...]),
+        state["inception_4d_pool_proj.bias"].numpy(),
+    )
+    np.testing.assert_array_equal(
+        np.asarray(model.inception_4d_pool_proj.bn.var[...]),
+        state["inception_4d_pool_proj_bn.running_var"].numpy(),
+    )

@@ -154,7 +154,7 @@ def _rel_err(a: np.ndarray, b: np.ndarray) -> float:
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("size", [7, 8, 9, 14, 15])
+@pytest.mark.parametrize("size", [8, 9])  # both parities: with and without overhang
 @pytest.mark.parametrize(
     ("kernel", "stride", "padding", "ceil_mode"),
     [(3, 2, 0, True), (3, 2, 0, False), (2, 2, 0, True), (3, 1, 1, True), (3, 2, 1, True)],
@@ -177,8 +177,10 @@ def test_pool_helpers_match_torch(size, kernel, stride, padding, ceil_mode):
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("transform_input", [False, True])
-def test_eval_features_match_torch(reference, transform_input):
+def test_eval_features_match_torch(reference):
+    # transform_input=True covers the whole network plus torchvision's input re-normalisation
+    # (without it the module is the same minus that affine map); one compile keeps this fast.
+    transform_input = True
     # 67 x 80: odd / non-multiple-of-32 sizes exercise the ceil-mode pools.
     x = _images((2, 3, 67, 80), seed=3)
     captured = {}
@@ -255,11 +257,13 @@ def test_random_init_model_runs():
     assert 0.008 < w.std() < 0.0095 and np.abs(w).max() <= 0.02  # truncated normal(0.01)
     x = jnp.asarray(_images((2, 32, 32, 3), seed=5))
     model.eval()
-    feats = _features(model, x)
+    # Shapes only (abstract evaluation): a real forward of this graph is tested above.
+    feats = nnx.eval_shape(lambda m, x: m.features(x), model, x)
     assert feats["pooled"].shape == (2, 1024)
-    assert nnx.eval_shape(lambda m, x: m(x), model, x).shape == (2, 1024)
+    assert feats["conv3"].shape == (2, 8, 8, 192)
     assert feats["inception4e"].shape == (2, 2, 2, 832)
-    assert np.all(np.isfinite(np.asarray(feats["pooled"])))
+    assert feats["inception5b"].shape == (2, 1, 1, 1024)
+    assert nnx.eval_shape(lambda m, x: m(x), model, x).shape == (2, 1024)
 
 
 # --------------------------------------------------------------------------------------------
@@ -290,6 +294,10 @@ def test_misshaped_key_is_named(reference):
 
 
 def test_classifier_and_aux_keys_are_ignored(reference):
-    state = _np_state(reference)
+    state = reference.state_dict()  # torch tensors are accepted as well as arrays
     assert any(k.startswith("aux1.") for k in state) and "fc.weight" in state
-    googlenet_from_torch(state)  # no error
+    model = googlenet_from_torch(state)
+    np.testing.assert_array_equal(
+        np.asarray(model.inception3a.branch3[1].conv.kernel[...]),
+        state["inception3a.branch3.1.conv.weight"].numpy().transpose(2, 3, 1, 0),
+    )
