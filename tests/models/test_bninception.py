@@ -143,6 +143,7 @@ def _rel_err(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.max(np.abs(a - b)) / (np.max(np.abs(b)) + 1e-12))
 
 
+@pytest.mark.slow
 def test_eval_features_match_torch(reference):
     # 64 x 96 (non-square): even map sizes at 3c/4e, ceil-mode overhang in pool1.
     x = _images((2, 3, 64, 96), seed=3)
@@ -169,6 +170,7 @@ def test_global_pool_equals_cadene_at_7x7(reference):
     )
 
 
+@pytest.mark.slow
 def test_train_mode_updates_running_stats_like_torch():
     ref = _randomise(TorchBNInception(), seed=7)
     model = bninception_from_torch(_np_state(ref))

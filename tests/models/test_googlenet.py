@@ -177,6 +177,7 @@ def test_pool_helpers_match_torch(size, kernel, stride, padding, ceil_mode):
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_eval_features_match_torch(reference):
     # transform_input=True covers the whole network plus torchvision's input re-normalisation
     # (without it the module is the same minus that affine map); one compile keeps this fast.
@@ -204,6 +205,7 @@ def test_eval_features_match_torch(reference):
     assert _rel_err(mid, captured["inception4e"]) < 1e-4
 
 
+@pytest.mark.slow
 def test_train_mode_updates_running_stats_like_torch(reference):
     ref = _randomise(TorchGoogLeNet(aux_logits=False), seed=7)
     model = googlenet_from_torch(_np_state(ref))
