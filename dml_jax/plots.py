@@ -1,0 +1,56 @@
+"""PNG plots of a run: training curves and a 2-D map of embeddings coloured by class."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def training_curves(rows: Sequence[dict[str, float]], path: str) -> None:
+    """Loss (train rows) and retrieval metrics (eval rows) against step, saved to ``path``."""
+    plt = _pyplot()
+    train = [r for r in rows if "loss" in r]
+    evals = [r for r in rows if "map@r" in r]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    if train:
+        axes[0].plot([r["step"] for r in train], [r["loss"] for r in train], label="total")
+        if "metric_loss" in train[0]:
+            axes[0].plot([r["step"] for r in train], [r["metric_loss"] for r in train],
+                         label="metric loss")
+        axes[0].legend()
+    axes[0].set(xlabel="step", ylabel="loss", title="training loss")
+    for key in ("recall@1", "map@r", "r_precision"):
+        if evals and key in evals[0]:
+            axes[1].plot([r["step"] for r in evals], [r[key] for r in evals], marker="o",
+                         label=key)
+    axes[1].set(xlabel="step", ylim=(0, 1.02), title="held-out retrieval")
+    axes[1].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def embedding_map(embeddings: np.ndarray, labels: np.ndarray, path: str, *, seed: int = 0) -> None:
+    """t-SNE of ``embeddings`` ``[N, E]`` coloured by ``labels`` ``[N]``, saved to ``path``."""
+    from sklearn.manifold import TSNE
+
+    plt = _pyplot()
+    xy = TSNE(n_components=2, init="pca", perplexity=min(30.0, (len(labels) - 1) / 3),
+              random_state=seed).fit_transform(np.asarray(embeddings, np.float64))
+    fig, ax = plt.subplots(figsize=(5.2, 5))
+    scatter = ax.scatter(xy[:, 0], xy[:, 1], c=labels, cmap="tab10", s=8)
+    ax.legend(*scatter.legend_elements(), title="class", fontsize=7, loc="best")
+    ax.set(title="held-out embeddings (t-SNE)", xticks=[], yticks=[])
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

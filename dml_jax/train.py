@@ -1,0 +1,429 @@
+"""Training and evaluation: ``train_and_evaluate(config, workdir)``.
+
+Data flows one way: config -> data -> model -> loss -> train step -> evaluation -> metrics and
+plots. The train step is a pure function under ``jax.jit`` over a ``Mesh`` of every device with
+a ``('data',)`` axis: the batch is sharded over it, the state replicated, and the loss (and
+BatchNorm statistics) computed on the global batch by XLA. The state is donated.
+
+The state is a plain pytree::
+
+    {"step": int32 [], "params": nnx.State, "rest": nnx.State (BatchNorm statistics, frozen
+     parameters), "opt_state": optax state, "loss_state": dict, "rng": uint32 [2]}
+
+Checkpoints (orbax) hold it whole; the P x K sampler's position is the step, so a resumed run
+continues exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import signal
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from dml_jax import checkpoint, evaluation, objectives
+from dml_jax.data import PKSampler, Split, load_digits
+from dml_jax.models import build_model
+
+log = logging.getLogger(__name__)
+
+# Keys a resumed run may change (everything else must match the checkpoints' config).
+RESUMABLE_KEYS = ("num_steps", "eval_every", "log_every", "checkpoint_every", "progress_bar",
+                  "plots")
+
+
+# --------------------------------------------------------------------------------------------
+# Configuration checks
+
+
+def validate_config(config: ml_collections.ConfigDict, train: Split, num_devices: int) -> None:
+    """Refuses a bad configuration before any training, saying what to change.
+
+    Raises:
+      ValueError: unknown loss, ``P * K`` not divisible by the device count, more classes per
+        batch than the data has, or non-positive step counts.
+    """
+    objectives.get_spec(config.loss.name)
+    batch = config.classes_per_batch * config.samples_per_class
+    if batch % num_devices:
+        raise ValueError(
+            f"The batch of classes_per_batch * samples_per_class = {config.classes_per_batch} * "
+            f"{config.samples_per_class} = {batch} rows cannot be split over {num_devices} "
+            f"devices: choose P and K so that P * K is a multiple of {num_devices}."
+        )
+    if config.classes_per_batch > train.num_classes:
+        raise ValueError(
+            f"classes_per_batch={config.classes_per_batch} but the training data has only "
+            f"{train.num_classes} classes: set config.classes_per_batch <= {train.num_classes}."
+        )
+    for key in ("num_steps", "eval_every", "log_every", "checkpoint_every"):
+        if int(config[key]) <= 0:
+            raise ValueError(f"config.{key} must be > 0; got {config[key]}.")
+
+
+def load_data(config: ml_collections.ConfigDict) -> tuple[Split, Split]:
+    """The ``(train, test)`` splits named by ``config.dataset``."""
+    if config.dataset.name == "digits":
+        return load_digits(test_fraction=config.dataset.test_fraction, seed=config.dataset.seed)
+    raise ValueError(f"Unknown dataset {config.dataset.name!r}; known: 'digits'.")
+
+
+# --------------------------------------------------------------------------------------------
+# State
+
+
+def make_mesh() -> Mesh:
+    """A 1-D mesh ``('data',)`` over every device of every process."""
+    return Mesh(np.asarray(jax.devices()), ("data",))
+
+
+def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    """AdamW (or SGD with momentum) with linear warm-up and cosine decay."""
+    opt = config.optimizer
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=opt.learning_rate,
+        warmup_steps=min(opt.warmup_steps, max(config.num_steps - 1, 1)),
+        decay_steps=config.num_steps,
+        end_value=opt.learning_rate * opt.final_lr_fraction,
+    )
+    if opt.name == "adamw":
+        tx = optax.adamw(schedule, weight_decay=opt.weight_decay)
+    elif opt.name == "sgd":
+        tx = optax.chain(
+            optax.add_decayed_weights(opt.weight_decay), optax.sgd(schedule, momentum=0.9)
+        )
+    else:
+        raise ValueError(f"Unknown optimizer {opt.name!r}; known: 'adamw', 'sgd'.")
+    if opt.get("grad_clip_norm"):
+        tx = optax.chain(optax.clip_by_global_norm(opt.grad_clip_norm), tx)
+    return tx
+
+
+def _model_config(config: ml_collections.ConfigDict, num_classes: int) -> dict[str, Any]:
+    model_cfg = dict(config.model.to_dict())
+    spec = objectives.get_spec(config.loss.name)
+    if spec.needs_logits or config.loss.classifier_weight > 0:
+        model_cfg["num_classes"] = num_classes
+    return model_cfg
+
+
+def create_state(config, num_classes: int, tx: optax.GradientTransformation):
+    """Builds the model and the initial train state.
+
+    Returns:
+      ``(graphdefs, state)``: ``graphdefs`` = ``{"train": ..., "eval": ...}`` (the model's
+      structure in each mode) and the state pytree of the module docstring.
+    """
+    model = build_model(_model_config(config, num_classes), rngs=nnx.Rngs(config.seed))
+    model.eval()
+    graphdef_eval = nnx.graphdef(model)
+    model.train()
+    graphdef_train, params, rest = nnx.split(model, nnx.Param, ...)
+    loss_state = objectives.init_loss_state(config.loss, num_classes, model.embedding_dim)
+    state = {
+        "step": jnp.zeros((), jnp.int32),
+        "params": params,
+        "rest": rest,
+        "opt_state": tx.init(params),
+        "loss_state": loss_state,
+        "rng": jax.random.PRNGKey(config.seed + 1),
+    }
+    return {"train": graphdef_train, "eval": graphdef_eval}, state
+
+
+# --------------------------------------------------------------------------------------------
+# Steps
+
+
+def make_train_step(graphdef, loss_config: Mapping[str, Any], tx: optax.GradientTransformation):
+    """``train_step(state, images [B, H, W, C], labels [B]) -> (state, metrics)`` (pure)."""
+
+    def train_step(state, images, labels):
+        def loss_fn(params):
+            model = nnx.merge(graphdef, params, state["rest"], copy=True)
+            embeddings, aux = model(images)
+            total, parts, loss_state = objectives.compute(
+                loss_config, embeddings, labels, aux.get("logits"), state["loss_state"]
+            )
+            rest = nnx.state(model, nnx.Not(nnx.Param))
+            return total, (parts, rest, loss_state)
+
+        (loss, (parts, rest, loss_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state["params"]
+        )
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        new_state = {
+            "step": state["step"] + 1,
+            "params": params,
+            "rest": rest,
+            "opt_state": opt_state,
+            "loss_state": loss_state,
+            "rng": state["rng"],
+        }
+        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), **parts}
+        return new_state, metrics
+
+    return train_step
+
+
+def make_embed_fn(graphdef):
+    """``embed(params, rest, images) -> embeddings [B, E]`` in eval mode (pure)."""
+
+    def embed(params, rest, images):
+        model = nnx.merge(graphdef, params, rest, copy=True)
+        return model(images)[0]
+
+    return embed
+
+
+def shard_batch(mesh: Mesh, array: np.ndarray) -> jax.Array:
+    """Places this process's rows of a global batch on the mesh, sharded over ``'data'``.
+
+    Every process computes the same global batch (the sampler is deterministic) and contributes
+    the rows of its own devices.
+    """
+    sharding = NamedSharding(mesh, P("data"))
+    n_proc, proc = jax.process_count(), jax.process_index()
+    rows = array.shape[0] // n_proc
+    local = array[proc * rows : (proc + 1) * rows]
+    return jax.make_array_from_process_local_data(sharding, local, array.shape)
+
+
+def embed_dataset(embed, state, mesh: Mesh, images: np.ndarray, batch_size: int) -> np.ndarray:
+    """Embeddings ``[N, E]`` of ``images`` in fixed-size padded batches (one compilation)."""
+    n = images.shape[0]
+    batch_size = int(math.ceil(batch_size / mesh.size) * mesh.size)
+    out = []
+    for start in range(0, n, batch_size):
+        chunk = images[start : start + batch_size]
+        pad = batch_size - chunk.shape[0]
+        if pad:
+            chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), chunk.dtype)])
+        emb = embed(state["params"], state["rest"], shard_batch(mesh, chunk))
+        out.append(np.asarray(jax.device_get(emb))[: batch_size - pad])
+    return np.concatenate(out)
+
+
+# --------------------------------------------------------------------------------------------
+# Logging
+
+
+class MetricsLog:
+    """Appends JSON lines to ``<workdir>/metrics.jsonl`` and scalars to TensorBoard."""
+
+    def __init__(self, workdir: str, enabled: bool = True):
+        self.enabled = enabled
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        self._tb = None
+        if enabled:
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+    def write(self, step: int, values: Mapping[str, float], prefix: str) -> None:
+        """One JSON line ``{"step": step, **values}`` and one TensorBoard scalar per value."""
+        if not self.enabled:
+            return
+        row = {"step": int(step), **{k: float(v) for k, v in values.items()}}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        for k, v in values.items():
+            tag = k.replace("@", "_at_")  # TensorBoard tags allow [A-Za-z0-9_./-]
+            self._tb.add_scalar(f"{prefix}/{tag}", float(v), int(step))
+        self._tb.flush()
+
+    def close(self) -> None:
+        """Flushes and closes TensorBoard."""
+        if self._tb is not None:
+            self._tb.close()
+
+
+def read_metrics(workdir: str) -> list[dict[str, float]]:
+    """The rows of ``<workdir>/metrics.jsonl``."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+# --------------------------------------------------------------------------------------------
+# Main loop
+
+
+class _Preemption:
+    """Turns SIGTERM into a flag the loop checks after each step."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread: no handler, no preemption saves
+            self._previous = None
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def evaluate(embed, state, mesh, test: Split, config) -> dict[str, float]:
+    """Retrieval metrics of the held-out split against itself (self excluded)."""
+    emb = embed_dataset(embed, state, mesh, test.images, config.eval_batch_size)
+    return evaluation.retrieval_metrics(emb, test.labels, ks=tuple(config.eval_ks))
+
+
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int | None = None
+) -> dict[str, Any]:
+    """Trains a metric-learning model as ``config`` says, evaluating and checkpointing in
+    ``workdir``; rerunning the same command resumes from the latest checkpoint.
+
+    ``stop_at_step`` interrupts the run there as a preemption would (checkpoint, return with
+    ``"preempted": True``); calling again continues the same run, e.g. to train in chunks from
+    a notebook. SIGTERM does the same at the end of the current step.
+
+    Writes ``metrics.jsonl`` (one JSON line per log and evaluation, with ``"step"``),
+    TensorBoard events under ``tensorboard/``, checkpoints under ``checkpoints/``, and at the
+    end ``training_curves.png`` and ``embeddings_2d.png``.
+
+    Returns:
+      ``{"step", "baseline": metrics of the raw inputs, "final": metrics of the trained
+      embedding, "preempted": bool}``.
+
+    Raises:
+      ValueError: a bad configuration (before training).
+      checkpoint.ConfigMismatchError: ``workdir`` holds another configuration's checkpoints.
+      FloatingPointError: a non-finite loss; the last good checkpoint is kept.
+    """
+    train, test = load_data(config)
+    mesh = make_mesh()
+    validate_config(config, train, mesh.size)
+    is_main = jax.process_index() == 0
+    os.makedirs(workdir, exist_ok=True)
+    checkpoint.check_workdir_config(workdir, config.to_dict(), may_change=RESUMABLE_KEYS)
+
+    tx = make_optimizer(config)
+    graphdefs, state = create_state(config, train.num_classes, tx)
+    replicated = NamedSharding(mesh, P())
+    state = jax.device_put(state, replicated)
+    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                   max_to_keep=config.keep_checkpoints)
+    start = ckpt.latest_step()
+    if start is not None:
+        state = ckpt.restore(start, state)
+        log.info("Resumed from step %d", start)
+    step = int(state["step"])
+
+    train_step = jax.jit(
+        make_train_step(graphdefs["train"], config.loss.to_dict(), tx),
+        in_shardings=(replicated, NamedSharding(mesh, P("data")), NamedSharding(mesh, P("data"))),
+        out_shardings=(replicated, replicated),
+        donate_argnums=0,
+    )
+    embed = jax.jit(make_embed_fn(graphdefs["eval"]), out_shardings=replicated)
+    sampler = PKSampler(train.labels, config.classes_per_batch, config.samples_per_class,
+                        seed=config.seed)
+    metrics_log = MetricsLog(workdir, enabled=is_main)
+    baseline = evaluation.retrieval_metrics(
+        test.images.reshape(len(test.labels), -1), test.labels, ks=tuple(config.eval_ks)
+    )
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=config.num_steps, initial=step, disable=not (is_main and config.progress_bar),
+               desc="train", unit="step", dynamic_ncols=True)
+    history: list[float] = []
+    last_good = ckpt.latest_step()
+    tick, tick_step = time.perf_counter(), step
+    preempted = False
+    final: dict[str, float] = {}
+    try:
+        with _Preemption() as preemption:
+            while step < config.num_steps:
+                idx = sampler.batch_indices(step)
+                state, metrics = train_step(
+                    state, shard_batch(mesh, train.images[idx]), shard_batch(mesh, train.labels[idx])
+                )
+                loss = float(metrics["loss"])
+                step += 1
+                if not math.isfinite(loss):
+                    where = (f"the last good checkpoint (step {last_good}) is kept in "
+                             f"{ckpt.directory}" if last_good is not None
+                             else "no checkpoint was saved yet")
+                    raise FloatingPointError(
+                        f"Non-finite loss ({loss}) at step {step}; stopping. {where}."
+                    )
+                history.append(loss)
+                bar.update(1)
+                if step % config.log_every == 0 or step == config.num_steps:
+                    now = time.perf_counter()
+                    rate = (step - tick_step) * sampler.batch_size / max(now - tick, 1e-9)
+                    tick, tick_step = now, step
+                    values = {k: float(v) for k, v in metrics.items()}
+                    values["loss"] = float(np.mean(history))
+                    values["images_per_sec"] = rate
+                    history.clear()
+                    metrics_log.write(step, values, "train")
+                    bar.set_postfix(loss=f"{values['loss']:.4f}", img_s=f"{rate:.0f}")
+                if step % config.eval_every == 0 or step == config.num_steps:
+                    final = evaluate(embed, state, mesh, test, config)
+                    metrics_log.write(step, final, "eval")
+                    bar.write(f"step {step}: " + ", ".join(
+                        f"{k}={v:.4f}" for k, v in final.items() if k != "num_queries"))
+                if step % config.checkpoint_every == 0 or step == config.num_steps:
+                    ckpt.save(step, state)
+                    last_good = step
+                if preemption.requested or step == stop_at_step:
+                    ckpt.save(step, state, force=True)
+                    ckpt.wait()
+                    last_good = step
+                    preempted = True
+                    why = "SIGTERM" if preemption.requested else "stop_at_step"
+                    bar.write(f"{why}: saved a checkpoint at step {step} and stopped.")
+                    break
+    finally:
+        bar.close()
+        ckpt.close()
+        metrics_log.close()
+
+    if not preempted and not final:
+        final = evaluate(embed, state, mesh, test, config)
+    if is_main and not preempted and config.plots:
+        from dml_jax import plots
+
+        emb = embed_dataset(embed, state, mesh, test.images, config.eval_batch_size)
+        plots.training_curves(read_metrics(workdir), os.path.join(workdir, "training_curves.png"))
+        plots.embedding_map(emb, test.labels, os.path.join(workdir, "embeddings_2d.png"),
+                            seed=config.seed)
+    return {"step": step, "baseline": baseline, "final": final, "preempted": preempted}
+
+
+def summary_table(baseline: Mapping[str, float], trained: Mapping[str, float],
+                  keys: tuple[str, ...] = ("recall@1", "map@r", "r_precision")) -> str:
+    """A plain-text table of raw-input vs trained retrieval metrics."""
+    lines = [f"{'held-out digits':<18}{'raw pixels':>12}{'trained':>12}"]
+    for k in keys:
+        lines.append(f"{k:<18}{baseline[k]:>12.4f}{trained[k]:>12.4f}")
+    return "\n".join(lines)
