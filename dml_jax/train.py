@@ -363,9 +363,8 @@ def train_and_evaluate(
         with _Preemption() as preemption:
             while step < config.num_steps:
                 idx = sampler.batch_indices(step)
-                state, metrics = train_step(
-                    state, shard_batch(mesh, train.images[idx]), shard_batch(mesh, train.labels[idx])
-                )
+                images = shard_batch(mesh, train.images[idx])
+                state, metrics = train_step(state, images, shard_batch(mesh, train.labels[idx]))
                 loss = float(metrics["loss"])
                 step += 1
                 if not math.isfinite(loss):

@@ -136,7 +136,7 @@ def test_workdir_of_another_config_is_refused(tmp_path):
     train.train_and_evaluate(tiny_config(num_steps=2), str(tmp_path))
     other = tiny_config(num_steps=2)
     other.loss.kwargs = {"neg_margin": 0.5}
-    with pytest.raises(checkpoint.ConfigMismatchError, match="loss.*neg_margin"):
+    with pytest.raises(checkpoint.ConfigMismatchError, match=r"loss.*neg_margin"):
         train.train_and_evaluate(other, str(tmp_path))
 
 
