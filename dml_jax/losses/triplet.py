@@ -1,20 +1,22 @@
 """Triplet margin loss with all-triplet, batch-hard and semi-hard mining.
 
-Mining never builds the ``[B, B, B]`` tensor of triplets. In class-balanced batches an anchor
-has few positives, so each anchor's positive distances are first packed into ``S`` static slots
-(``[b, S]``, ``S`` = 8 or 32, whichever fits the batch's largest positive set), and the
-``"all"`` and ``"semi_hard"`` terms are computed against every negative in ``O(b S B)`` work and
-memory. A batch with more than 32 positives per anchor takes a sort-based path instead: each
-anchor's negative distances are sorted once (``[b, B]``), and, for every positive pair ``(a, p)``,
+Mining never builds the ``[B, B, B]`` tensor of triplets, and never differentiates through it.
+Which hinge terms are active is piecewise constant in the distances, so a mining pass returns a
+constant coefficient matrix ``C`` (``[b, B]``) and the number of active terms ``n``, with
 
-* ``"all"``: the negatives with ``d_an < d_ap + margin`` are a prefix of that sorted row, so
-  ``sum_n relu(d_ap - d_an + margin) = c (d_ap + margin) - (sum of the first c)`` with ``c``
-  found by binary search and the sum read from a prefix sum;
-* ``"semi_hard"``: the closest negative farther than ``d_ap`` is the entry just after
-  ``d_ap``'s position in the sorted row.
+    sum over active (a, p, n) of (d_ap - d_an + margin) = sum(C * d) + margin * n
 
-Work is then ``O(B^2 log B)`` and memory ``O(B^2)`` per device. (XLA's CPU sort of a
-``1024 x 1024`` array costs several times the loss's matmuls, hence the slots.)
+exactly: ``C[a, p]`` counts the active terms using ``d_ap`` and ``C[a, n]`` minus those using
+``d_an``. The loss is that sum, so its gradient is ``C`` (the subgradient with ``relu'(0) = 0``),
+and only one ``[b, B]`` product is differentiated.
+
+Mining is cheap in class-balanced batches, where an anchor has few positives: the columns are
+ordered by label (one ``[B]`` argsort), which makes each anchor's positives a contiguous run,
+gathered into ``S`` static slots (``S`` = 8 or 32, whichever fits the batch's largest class);
+the terms are then decided against every negative in ``O(b S B)`` work. A batch with a class of
+more than 32 rows takes a sort-based path instead (each anchor's negative distances sorted once,
+then binary searches: ``O(B^2 log B)`` work, ``O(B^2)`` memory). XLA's CPU sort of a
+``1024 x 1024`` array costs several times the loss's matmuls, hence the slots.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from dml_jax import _checks
 from dml_jax.losses import _batch
 
 MINING = ("all", "batch_hard", "semi_hard")
+SLOT_SIZES = (8, 32)
 
 
 def _searchsorted_rows(sorted_rows: jax.Array, queries: jax.Array, side: str) -> jax.Array:
@@ -37,80 +40,141 @@ def _searchsorted_rows(sorted_rows: jax.Array, queries: jax.Array, side: str) ->
     )
 
 
-def _sorted_negatives(d: jax.Array, neg: jax.Array) -> jax.Array:
-    """Each row's negative distances in ascending order, non-negatives as +inf, ``[b, B]``."""
-    return jnp.sort(jnp.where(neg, d, jnp.inf), axis=1)
+def _scatter_rows(values: jax.Array, cols: jax.Array, width: int) -> jax.Array:
+    """``out[a, cols[a, s]] += values[a, s]``: ``[b, S]`` -> ``[b, width]``."""
+    rows = jnp.arange(values.shape[0])[:, None]
+    return jnp.zeros((values.shape[0], width), jnp.float32).at[rows, cols].add(values)
 
 
-SLOT_SIZES = (8, 32)
+def _sort_columns_by_label(batch: _batch.PairBatch) -> tuple[_batch.PairBatch, jax.Array]:
+    """Reorders the columns by label (padding last), so each anchor's positives are a run.
 
-
-def _pack_positives(d: jax.Array, pos: jax.Array, slots: int) -> tuple[jax.Array, jax.Array]:
-    """Each row's positive distances in its first ``slots`` slots: ``([b, S], bool [b, S])``.
-
-    Only exact when no row has more than ``slots`` positives. The packing is a one-hot
-    contraction, so the gradient flows back to ``d``.
+    Returns the reordered batch and each row's run start ``[b]`` (the first sorted column with
+    its label). Only the column order changes: every sum over columns is the same.
     """
-    rank = jnp.cumsum(pos, axis=1) - 1  # [b, B] slot of each positive
-    one_hot = pos[:, :, None] & (rank[:, :, None] == jnp.arange(slots)[None, None, :])
-    packed = jnp.einsum("bn,bns->bs", d, one_hot.astype(d.dtype))
-    filled = jnp.arange(slots)[None, :] < jnp.sum(pos, axis=1, keepdims=True)
-    return packed, filled
+    key = jnp.where(batch.col_valid, batch.col_labels, jnp.iinfo(jnp.int32).max)
+    order = jnp.argsort(key, stable=True)  # [B]
+    start = jnp.searchsorted(key[order], batch.row_labels, side="left").astype(jnp.int32)
+    reordered = batch._replace(
+        cols=batch.cols[order],
+        col_labels=batch.col_labels[order],
+        col_valid=batch.col_valid[order],
+        pos=jnp.take(batch.pos, order, axis=1),
+        neg=jnp.take(batch.neg, order, axis=1),
+    )
+    return reordered, start
 
 
-def _by_slot_count(d, batch, slotted, fallback):
-    """Runs ``slotted(d, batch, S)`` with the smallest ``S`` that fits, else ``fallback``."""
-    most = jnp.max(jnp.sum(batch.pos, axis=1))
-    index = jnp.searchsorted(jnp.asarray(SLOT_SIZES), most)  # len(SLOT_SIZES) -> fallback
-    branches = [functools.partial(slotted, slots=s) for s in SLOT_SIZES] + [fallback]
-    return jax.lax.switch(index, branches, d, batch)
+def _pack_positives(d, batch, start, slots):
+    """Each row's positives in ``slots`` slots: ``(d_ap [b, S], filled [b, S], cols [b, S])``.
+
+    ``d`` and ``batch`` have label-sorted columns; a row's positives lie in the ``slots``
+    columns from ``start`` (exact when no label has more than ``slots`` valid rows).
+    """
+    width = d.shape[1]
+    cols = start[:, None] + jnp.arange(slots, dtype=jnp.int32)[None, :]
+    inside = cols < width
+    cols = jnp.minimum(cols, width - 1)
+    filled = inside & jnp.take_along_axis(batch.pos, cols, axis=1)
+    return jnp.take_along_axis(d, cols, axis=1), filled, cols
 
 
-def _all_triplets_slotted(d, batch, margin, slots):
-    d_ap, filled = _pack_positives(d, batch.pos, slots)
-    hinge = jax.nn.relu(d_ap[:, :, None] + margin - d[:, None, :])  # [b, S, B]
-    mask = filled[:, :, None] & batch.neg[:, None, :]
-    return _batch.masked_sum(hinge, mask)
+def _all_slotted(d, batch, start, margin, slots):
+    d_ap, filled, cols = _pack_positives(d, batch, start, slots)
+    active = (
+        filled[:, :, None]
+        & batch.neg[:, None, :]
+        & (d_ap[:, :, None] + margin > d[:, None, :])
+    )  # [b, S, B]
+    per_positive = jnp.sum(active, axis=2).astype(jnp.float32)  # [b, S]
+    per_negative = jnp.sum(active, axis=1).astype(jnp.float32)  # [b, B]
+    coef = _scatter_rows(per_positive, cols, d.shape[1]) - per_negative
+    return coef, jnp.sum(per_positive)
 
 
-def _semi_hard_slotted(d, batch, margin, slots):
-    d_ap, filled = _pack_positives(d, batch.pos, slots)
-    harder = batch.neg[:, None, :] & (d[:, None, :] > d_ap[:, :, None])  # [b, S, B]
-    closest = jnp.min(jnp.where(harder, d[:, None, :], jnp.inf), axis=2)  # [b, S]
-    farthest = jnp.max(jnp.where(batch.neg, d, -jnp.inf), axis=1, keepdims=True)  # [b, 1]
-    has_neg = jnp.any(batch.neg, axis=1, keepdims=True)
-    valid = filled & has_neg
-    d_an = jnp.where(jnp.isfinite(closest), closest, farthest)
-    terms = jax.nn.relu(d_ap - jnp.where(valid, d_an, 0.0) + margin)
-    return _batch.masked_sum(terms, valid)
-
-
-def _all_triplets_sorted(d, batch, margin):
-    sorted_neg = _sorted_negatives(d, batch.neg)
-    finite = jnp.isfinite(sorted_neg)
-    prefix = jnp.cumsum(jnp.where(finite, sorted_neg, 0.0), axis=1)
-    prefix = jnp.pad(prefix, ((0, 0), (1, 0)))  # prefix[:, c] = sum of the c smallest
+def _all_sorted(d, batch, start, margin):
+    width = d.shape[1]
+    sorted_neg = jnp.sort(jnp.where(batch.neg, d, jnp.inf), axis=1)
     threshold = d + margin
-    count = _searchsorted_rows(sorted_neg, jax.lax.stop_gradient(threshold), side="left")
-    below = jnp.take_along_axis(prefix, count, axis=1)
-    hinge_sums = count.astype(jnp.float32) * threshold - below
-    return _batch.masked_sum(hinge_sums, batch.pos)
+    per_positive = _searchsorted_rows(sorted_neg, threshold, side="left")  # negatives below
+    per_positive = jnp.where(batch.pos, per_positive, 0).astype(jnp.float32)
+    sorted_threshold = jnp.sort(jnp.where(batch.pos, threshold, -jnp.inf), axis=1)
+    not_above = _searchsorted_rows(sorted_threshold, d, side="right")  # thresholds <= d_an
+    per_negative = jnp.where(batch.neg, width - not_above, 0).astype(jnp.float32)
+    return per_positive - per_negative, jnp.sum(per_positive)
 
 
-def _all_triplets(d, batch, margin):
-    total = _by_slot_count(
+def _semi_hard_terms(d, batch, d_ap, filled, pos_cols, neg_cols, margin):
+    d_an = jnp.take_along_axis(d, neg_cols, axis=1)
+    has_neg = jnp.any(batch.neg, axis=1, keepdims=True)
+    active = (filled & has_neg & (d_ap - d_an + margin > 0)).astype(jnp.float32)
+    width = d.shape[1]
+    coef = _scatter_rows(active, pos_cols, width) - _scatter_rows(active, neg_cols, width)
+    return coef, jnp.sum(active)
+
+
+def _semi_hard_slotted(d, batch, start, margin, slots):
+    d_ap, filled, cols = _pack_positives(d, batch, start, slots)
+    harder = batch.neg[:, None, :] & (d[:, None, :] > d_ap[:, :, None])  # [b, S, B]
+    closest = jnp.argmin(jnp.where(harder, d[:, None, :], jnp.inf), axis=2)  # [b, S]
+    farthest = jnp.argmax(jnp.where(batch.neg, d, -jnp.inf), axis=1)[:, None]  # [b, 1]
+    neg_cols = jnp.where(jnp.any(harder, axis=2), closest, farthest)
+    return _semi_hard_terms(d, batch, d_ap, filled, cols, neg_cols, margin)
+
+
+def _semi_hard_sorted(d, batch, start, margin):
+    width = d.shape[1]
+    order = jnp.argsort(jnp.where(batch.neg, d, jnp.inf), axis=1)  # [b, B]
+    sorted_neg = jnp.take_along_axis(jnp.where(batch.neg, d, jnp.inf), order, axis=1)
+    num_neg = jnp.sum(batch.neg, axis=1, keepdims=True)
+    first_harder = _searchsorted_rows(sorted_neg, d, side="right")
+    rank = jnp.clip(jnp.where(first_harder < num_neg, first_harder, num_neg - 1), 0, width - 1)
+    neg_cols = jnp.take_along_axis(order, rank, axis=1)  # [b, B]: chosen negative per column
+    cols = jnp.broadcast_to(jnp.arange(width)[None, :], d.shape)
+    return _semi_hard_terms(d, batch, d, batch.pos, cols, neg_cols, margin)
+
+
+def _mine(d, batch, start, slotted, fallback):
+    """``(C [b, B], n_active)`` from the smallest slot count that fits, else ``fallback``.
+
+    Runs on constants: no gradient passes through the mining.
+    """
+    d = jax.lax.stop_gradient(d)
+    run = jnp.max(jnp.sum(batch.pos, axis=1)) + 1  # the longest label run, self included
+    index = jnp.searchsorted(jnp.asarray(SLOT_SIZES), run)  # len(SLOT_SIZES) -> fallback
+    branches = [functools.partial(slotted, slots=s) for s in SLOT_SIZES] + [fallback]
+    return jax.lax.switch(index, branches, d, batch, start)
+
+
+def _all_triplets(d, batch, start, margin):
+    coef, active = _mine(
         d,
         batch,
-        lambda d, batch, slots: _all_triplets_slotted(d, batch, margin, slots),
-        lambda d, batch: _all_triplets_sorted(d, batch, margin),
+        start,
+        lambda d, b, st, slots: _all_slotted(d, b, st, margin, slots),
+        lambda d, b, st: _all_sorted(d, b, st, margin),
     )
+    total = jnp.sum(coef * d) + margin * active
     num_triplets = jnp.sum(
         jnp.sum(batch.pos, axis=1).astype(jnp.float32) * jnp.sum(batch.neg, axis=1)
     )
     return total, num_triplets
 
 
-def _batch_hard(d, batch, margin):
+def _semi_hard(d, batch, start, margin):
+    coef, active = _mine(
+        d,
+        batch,
+        start,
+        lambda d, b, st, slots: _semi_hard_slotted(d, b, st, margin, slots),
+        lambda d, b, st: _semi_hard_sorted(d, b, st, margin),
+    )
+    total = jnp.sum(coef * d) + margin * active
+    count = jnp.sum(batch.pos & jnp.any(batch.neg, axis=1, keepdims=True))
+    return total, count
+
+
+def _batch_hard(d, batch, start, margin):
     hardest_pos = jnp.max(jnp.where(batch.pos, d, -jnp.inf), axis=1)
     hardest_neg = jnp.min(jnp.where(batch.neg, d, jnp.inf), axis=1)
     valid = jnp.any(batch.pos, axis=1) & jnp.any(batch.neg, axis=1)
@@ -118,30 +182,6 @@ def _batch_hard(d, batch, margin):
         jnp.where(valid, hardest_pos, 0.0) - jnp.where(valid, hardest_neg, 0.0) + margin
     )
     return _batch.masked_sum(terms, valid), jnp.sum(valid)
-
-
-def _semi_hard_sorted(d, batch, margin):
-    sorted_neg = _sorted_negatives(d, batch.neg)
-    num_neg = jnp.sum(batch.neg, axis=1, keepdims=True)  # [b, 1]
-    first_harder = _searchsorted_rows(sorted_neg, jax.lax.stop_gradient(d), side="right")
-    chosen = jnp.where(first_harder < num_neg, first_harder, num_neg - 1)
-    chosen = jnp.clip(chosen, 0, d.shape[1] - 1)
-    d_an = jnp.take_along_axis(sorted_neg, chosen, axis=1)
-    valid = batch.pos & (num_neg > 0)
-    d_an = jnp.where(valid, d_an, 0.0)
-    terms = jax.nn.relu(d - d_an + margin)
-    return _batch.masked_sum(terms, valid)
-
-
-def _semi_hard(d, batch, margin):
-    total = _by_slot_count(
-        d,
-        batch,
-        lambda d, batch, slots: _semi_hard_slotted(d, batch, margin, slots),
-        lambda d, batch: _semi_hard_sorted(d, batch, margin),
-    )
-    count = jnp.sum(batch.pos & jnp.any(batch.neg, axis=1, keepdims=True))
-    return total, count
 
 
 @functools.partial(jax.jit, static_argnames=("mining", "axis_name"))
@@ -184,8 +224,11 @@ def triplet_loss(
     """
     _checks.check_choice(mining, "mining", MINING)
     batch = _batch.pair_batch(embeddings, labels, where, axis_name)
+    start = None
+    if mining != "batch_hard":
+        batch, start = _sort_columns_by_label(batch)
     d = _batch.distances_of(batch)
     total, count = {"all": _all_triplets, "batch_hard": _batch_hard, "semi_hard": _semi_hard}[
         mining
-    ](d, batch, margin)
+    ](d, batch, start, margin)
     return _batch.global_mean(total, count, axis_name)

@@ -1,0 +1,185 @@
+"""Forward+backward time of each loss against pytorch-metric-learning and the matmul floor.
+
+    python benchmarks/losses.py [--batch 1024 --dim 512 --per-class 8 --repeats 10]
+
+Same process, same inputs (float32 ``[B, D]``, ``B / per_class`` classes). For each loss it
+prints dml_jax's median time, the peer's (pytorch-metric-learning on torch CPU, configured to the
+same semantics where one exists), the speed-up ``peer / dml_jax``, the ratio to the matmul floor
+(``e @ e.T`` and one ``[B, B] @ [B, D]``, forward+backward in JAX) and whether the two values
+agree. Needs the ``bench`` extra (torch, pytorch-metric-learning).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from dml_jax import losses  # noqa: E402
+
+
+def time_jax(fn: Callable, e: jax.Array, y: jax.Array, repeats: int) -> tuple[float, float]:
+    """Median seconds of jitted value_and_grad, and the loss value."""
+    step = jax.jit(jax.value_and_grad(fn))
+    value, grad = step(e, y)
+    jax.block_until_ready(grad)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        jax.block_until_ready(step(e, y))
+        times.append(time.perf_counter() - t)
+    return statistics.median(times), float(value)
+
+
+def time_torch(loss_obj, miner, e_np: np.ndarray, y_np: np.ndarray, repeats: int):
+    """Median seconds of forward+backward of a pytorch-metric-learning loss, and its value."""
+    import torch
+
+    y = torch.from_numpy(y_np.astype(np.int64))
+
+    def run():
+        e = torch.from_numpy(e_np).requires_grad_(True)
+        pairs = miner(e, y) if miner is not None else None
+        loss = loss_obj(e, y, pairs) if pairs is not None else loss_obj(e, y)
+        loss.backward()
+        return float(loss)
+
+    value = run()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times), value
+
+
+def peers():
+    """name -> (dml_jax fn(e, y), (pml loss, pml miner) or None, values comparable?)."""
+    try:
+        from pytorch_metric_learning import distances as pd
+        from pytorch_metric_learning import losses as pl
+        from pytorch_metric_learning import miners as pm
+        from pytorch_metric_learning import reducers as pr
+    except ImportError:
+        pl = None
+    euclid = (lambda: pd.LpDistance(normalize_embeddings=False)) if pl else None
+    mean = (lambda: pr.MeanReducer()) if pl else None
+
+    table = {
+        "contrastive": (
+            lambda e, y: losses.contrastive_loss(e, y),
+            (lambda: (pl.ContrastiveLoss(0.0, 1.0, distance=euclid(), reducer=mean()), None)),
+            True,
+        ),
+        "triplet_all": (
+            lambda e, y: losses.triplet_loss(e, y, mining="all"),
+            (lambda: (pl.TripletMarginLoss(0.2, distance=euclid(), reducer=mean()), None)),
+            True,
+        ),
+        "triplet_batch_hard": (
+            lambda e, y: losses.triplet_loss(e, y, mining="batch_hard"),
+            (lambda: (pl.TripletMarginLoss(0.2, distance=euclid(), reducer=mean()),
+                      pm.BatchHardMiner(distance=euclid()))),
+            True,
+        ),
+        "triplet_semi_hard": (
+            lambda e, y: losses.triplet_loss(e, y, mining="semi_hard"),
+            # PML's semi-hard miner keeps every semi-hard triplet (a different rule): speed only.
+            (lambda: (pl.TripletMarginLoss(0.2, distance=euclid(), reducer=mean()),
+                      pm.TripletMarginMiner(0.2, distance=euclid(), type_of_triplets="semihard"))),
+            False,
+        ),
+        "lifted_structure": (
+            lambda e, y: losses.lifted_structure_loss(e, y),
+            # PML's LiftedStructureLoss averages a per-pair softplus form: speed only.
+            (lambda: (pl.LiftedStructureLoss(neg_margin=1.0, pos_margin=0.0, distance=euclid()),
+                      None)),
+            False,
+        ),
+        "multi_similarity": (
+            lambda e, y: losses.multi_similarity_loss(e, y),
+            (lambda: (pl.MultiSimilarityLoss(alpha=2.0, beta=50.0, base=0.5), None)),
+            True,
+        ),
+    }
+    if hasattr(losses, "ranked_list_loss"):
+        table["ranked_list"] = (
+            lambda e, y: losses.ranked_list_loss(e, y),
+            # PML lets gradients flow through the weights and normalises: speed only.
+            (lambda: (pl.RankedListLoss(margin=0.4, Tn=10.0, alpha=1.2, Tp=0.0), None)),
+            False,
+        )
+    try:
+        from benchmarks.losses_seed import SEED_LOSSES
+    except ImportError:
+        SEED_LOSSES = {}
+    for name, fn in SEED_LOSSES.items():
+        table.setdefault(name, (fn, None, False))
+    if pl is None:
+        table = {k: (fn, None, False) for k, (fn, _, _) in table.items()}
+    return table
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=1024)
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--per-class", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--only", nargs="*", default=None, help="loss names to run")
+    args = parser.parse_args()
+
+    rng = np.random.default_rng(0)
+    e_np = rng.normal(size=(args.batch, args.dim)).astype(np.float32)
+    e_np /= np.linalg.norm(e_np, axis=1, keepdims=True)
+    y_np = np.repeat(np.arange(args.batch // args.per_class), args.per_class).astype(np.int32)
+    y_np = y_np[rng.permutation(args.batch)]
+    e, y = jnp.asarray(e_np), jnp.asarray(y_np)
+
+    floor, _ = time_jax(lambda e, y: jnp.sum((e @ e.T) @ e), e, y, args.repeats)
+    try:
+        import torch
+
+        torch_info = f"torch {torch.__version__}, {torch.get_num_threads()} threads"
+    except ImportError:
+        torch_info = "torch not installed"
+    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
+          f"jax {jax.__version__} on {jax.devices()[0].platform}; {torch_info}")
+    print(f"# B={args.batch}, D={args.dim}, {args.per_class} per class; median of "
+          f"{args.repeats}; matmul floor {floor * 1e3:.1f} ms")
+    print(f"{'loss':<26}{'dml_jax ms':>11}{'peer ms':>10}{'speed-up':>10}{'x floor':>9}"
+          f"{'values':>10}")
+    for name, (fn, peer, comparable) in peers().items():
+        if args.only and name not in args.only:
+            continue
+        t_jax, v_jax = time_jax(fn, e, y, args.repeats)
+        peer_ms = speedup = agree = "-"
+        if peer is not None:
+            loss_obj, miner = peer()
+            try:
+                t_peer, v_peer = time_torch(loss_obj, miner, e_np, y_np,
+                                            max(3, args.repeats // 3))
+            except (RuntimeError, MemoryError) as err:  # e.g. PML's lifted: B^3 memory
+                t_peer = None
+                peer_ms = "OOM" if "memory" in str(err).lower() else "error"
+            if t_peer is not None:
+                peer_ms, speedup = f"{t_peer * 1e3:.1f}", f"{t_peer / t_jax:.1f}x"
+            if comparable and t_peer is not None:
+                agree = "same" if abs(v_peer - v_jax) <= 1e-4 * max(1.0, abs(v_jax)) else (
+                    f"{v_jax:.4g}/{v_peer:.4g}")
+        print(f"{name:<26}{t_jax * 1e3:>11.1f}{peer_ms:>10}{speedup:>10}"
+              f"{t_jax / floor:>9.2f}{agree:>10}")
+
+
+if __name__ == "__main__":
+    main()
