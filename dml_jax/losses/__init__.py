@@ -6,6 +6,7 @@ axis_name=None)`` and returns a float32 scalar; see ``../shared/API.md`` and eac
 
 from dml_jax.losses.lifted import lifted_structure_loss
 from dml_jax.losses.multi_similarity import multi_similarity_loss
+from dml_jax.losses.osm_caa import osm_caa_loss
 from dml_jax.losses.pair import contrastive_loss
 from dml_jax.losses.triplet import triplet_loss
 
@@ -14,4 +15,8 @@ __all__ = [
     "lifted_structure_loss",
     "multi_similarity_loss",
     "triplet_loss",
+]
+
+__all__ += [
+    "osm_caa_loss",
 ]

@@ -134,3 +134,64 @@ def numerical_grad(f, e, eps=1e-5):
         lo[idx] -= eps
         g[idx] = (f(hi) - f(lo)) / (2 * eps)
     return g
+
+
+# ---------------------------------------------------------------------------------------------
+# Seed-paper losses. ``weights_at``: compute the (stop-gradient) weights at these embeddings
+# instead of ``e``, so finite differences see the weights frozen, as the losses define them.
+
+
+def _normalize(v):
+    n = math.sqrt(sum(float(x) ** 2 for x in v))
+    return [float(x) / max(n, 1e-12) for x in v]
+
+
+def softmax_true_prob(logits_row, label):
+    if not 0 <= label < len(logits_row):
+        return 0.0
+    m = max(float(z) for z in logits_row)
+    ex = [math.exp(float(z) - m) for z in logits_row]
+    return ex[label] / sum(ex)
+
+
+def osm_caa(e, y, logits=None, margin=1.2, sigma=0.8, lam=0.5, kernel="paper",
+            attention="softmax", where=None, weights_at=None):
+    w_e = e if weights_at is None else weights_at
+    if logits is not None:
+        logits = np.asarray(logits, np.float64)
+        if where is not None:
+            logits = logits[np.asarray(where, bool)]
+    e, y = _drop(e, y, where)
+    w_e, _ = _drop(w_e, np.zeros(len(np.asarray(w_e))), where)
+    n = len(y)
+    f = [_normalize(e[i]) for i in range(n)]
+    fw = [_normalize(w_e[i]) for i in range(n)]
+    a = []
+    for i in range(n):
+        if logits is None:
+            a.append(1.0)
+            continue
+        p = softmax_true_prob(logits[i], int(y[i]))
+        if attention == "gaussian" and 0 <= y[i] < logits.shape[1]:
+            p = math.exp(-0.5 * ((p - 1.0) / 0.68) ** 2)
+        a.append(p)
+    width = sigma**2 if kernel == "paper" else 2 * sigma**2
+    pn = pd = nn = nd = 0.0
+    for i in range(n):
+        for j in range(n):
+            if i == j:
+                continue
+            d = dist(f[i], f[j])
+            dw = dist(fw[i], fw[j])
+            aij = min(a[i], a[j])
+            if y[i] == y[j]:
+                w = math.exp(-dw * dw / width) * aij
+                pn += w * d * d
+                pd += w
+            else:
+                w = relu(margin - dw) * aij
+                nn += w * relu(margin - d) ** 2
+                nd += w
+    lp = 0.5 * pn / pd if pd > 0 else 0.0
+    ln = 0.5 * nn / nd if nd > 0 else 0.0
+    return (1 - lam) * lp + lam * ln
