@@ -8,6 +8,7 @@ from dml_jax.losses.lifted import lifted_structure_loss
 from dml_jax.losses.multi_similarity import multi_similarity_loss
 from dml_jax.losses.osm_caa import osm_caa_loss
 from dml_jax.losses.pair import contrastive_loss
+from dml_jax.losses.ranked_list import ranked_list_loss
 from dml_jax.losses.triplet import triplet_loss
 
 __all__ = [
@@ -19,4 +20,5 @@ __all__ = [
 
 __all__ += [
     "osm_caa_loss",
+    "ranked_list_loss",
 ]

@@ -195,3 +195,38 @@ def osm_caa(e, y, logits=None, margin=1.2, sigma=0.8, lam=0.5, kernel="paper",
     lp = 0.5 * pn / pd if pd > 0 else 0.0
     ln = 0.5 * nn / nd if nd > 0 else 0.0
     return (1 - lam) * lp + lam * ln
+
+
+def ranked_list(e, y, margin=0.4, alpha=1.2, t_n=10.0, t_p=0.0, lam=0.5,
+                query_weighting="uniform", where=None, weights_at=None):
+    w_e = e if weights_at is None else weights_at
+    e, y = _drop(e, y, where)
+    w_e, _ = _drop(w_e, np.zeros(len(np.asarray(w_e))), where)
+    n = len(y)
+    boundary = alpha - margin
+    losses, weights = [], []
+    for i in range(n):
+        pn = pd = nn = nd = 0.0
+        for j in range(n):
+            if j == i:
+                continue
+            d = dist(e[i], e[j])
+            dw = dist(w_e[i], w_e[j])
+            if y[j] == y[i] and dw > boundary:
+                w = math.exp(t_p * (dw - boundary))
+                pn += w * (d - boundary)
+                pd += w
+            elif y[j] != y[i] and dw < alpha:
+                w = math.exp(t_n * (alpha - dw))
+                nn += w * (alpha - d)
+                nd += w
+        lp = pn / pd if pd > 0 else 0.0
+        ln = nn / nd if nd > 0 else 0.0
+        losses.append((1 - lam) * lp + lam * ln)
+        weights.append(pd + nd)
+    if n == 0:
+        return 0.0
+    if query_weighting == "uniform":
+        return float(np.mean(losses))
+    total = sum(weights)
+    return sum(w * v for w, v in zip(weights, losses)) / total if total > 0 else 0.0
