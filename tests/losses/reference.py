@@ -230,3 +230,41 @@ def ranked_list(e, y, margin=0.4, alpha=1.2, t_n=10.0, t_p=0.0, lam=0.5,
         return float(np.mean(losses))
     total = sum(weights)
     return sum(w * v for w, v in zip(weights, losses)) / total if total > 0 else 0.0
+
+
+def center(e, y, centers, where=None):
+    e, y = _drop(e, y, where)
+    c = np.asarray(centers, np.float64)
+    terms = [0.5 * dist(e[i], c[int(y[i])]) ** 2 for i in range(len(y))]
+    return float(np.mean(terms)) if terms else 0.0
+
+
+def update_centers(centers, e, y, alpha=0.5, where=None):
+    e, y = _drop(e, y, where)
+    c = np.array(centers, np.float64)
+    new = c.copy()
+    for j in range(len(c)):
+        members = [i for i in range(len(y)) if y[i] == j]
+        delta = sum((c[j] - e[i] for i in members), np.zeros(c.shape[1])) / (1 + len(members))
+        new[j] = c[j] - alpha * delta
+    return new
+
+
+def cross_entropy(logits, y, where=None):
+    logits, y = _drop(logits, y, where)
+    out = [-math.log(softmax_true_prob(logits[i], int(y[i]))) for i in range(len(y))]
+    return float(np.mean(out)) if out else 0.0
+
+
+def center_structured(e, y, logits, centers, lam=1.0, beta=1.0, neg_margin=1.0,
+                      center_margin=1.0, where=None):
+    c = np.asarray(centers, np.float64)
+    k = len(c)
+    inter = []
+    for a in range(k):
+        for b in range(k):
+            if a != b:
+                inter.append(relu(center_margin - dist(c[a], c[b]) ** 2))
+    inter = float(np.mean(inter)) if inter else 0.0
+    metric = lifted(e, y, neg_margin=neg_margin, where=where) + center(e, y, c, where=where)
+    return cross_entropy(logits, y, where) + lam * (metric + beta * inter)
