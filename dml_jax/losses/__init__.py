@@ -5,6 +5,7 @@ axis_name=None)`` and returns a float32 scalar; see ``../shared/API.md`` and eac
 """
 
 from dml_jax.losses.center import center_loss, center_structured_loss, update_centers
+from dml_jax.losses.hybrid import demal_hybrid_loss
 from dml_jax.losses.lifted import lifted_structure_loss
 from dml_jax.losses.multi_similarity import multi_similarity_loss
 from dml_jax.losses.osm_caa import osm_caa_loss
@@ -22,6 +23,7 @@ __all__ = [
 __all__ += [
     "center_loss",
     "center_structured_loss",
+    "demal_hybrid_loss",
     "osm_caa_loss",
     "ranked_list_loss",
     "update_centers",

@@ -268,3 +268,9 @@ def center_structured(e, y, logits, centers, lam=1.0, beta=1.0, neg_margin=1.0,
     inter = float(np.mean(inter)) if inter else 0.0
     metric = lifted(e, y, neg_margin=neg_margin, where=where) + center(e, y, c, where=where)
     return cross_entropy(logits, y, where) + lam * (metric + beta * inter)
+
+
+def demal_hybrid(e, y, logits, margin=0.2, mining="all", lam=1.0, where=None):
+    return triplet(e, y, margin=margin, mining=mining, where=where) + lam * cross_entropy(
+        logits, y, where
+    )
