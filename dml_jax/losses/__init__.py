@@ -8,6 +8,7 @@ from dml_jax.losses.center import center_loss, center_structured_loss, update_ce
 from dml_jax.losses.hybrid import demal_hybrid_loss
 from dml_jax.losses.lifted import lifted_structure_loss
 from dml_jax.losses.multi_similarity import multi_similarity_loss
+from dml_jax.losses.npair import angular_loss, npair_loss
 from dml_jax.losses.osm_caa import osm_caa_loss
 from dml_jax.losses.pair import contrastive_loss
 from dml_jax.losses.ranked_list import ranked_list_loss
@@ -21,9 +22,11 @@ __all__ = [
 ]
 
 __all__ += [
+    "angular_loss",
     "center_loss",
     "center_structured_loss",
     "demal_hybrid_loss",
+    "npair_loss",
     "osm_caa_loss",
     "ranked_list_loss",
     "update_centers",
