@@ -4,9 +4,14 @@ Every loss takes ``(embeddings [B, D], labels [B], *, <hyper-parameters>, where=
 axis_name=None)`` and returns a float32 scalar; see ``../shared/API.md`` and each docstring.
 """
 
+from dml_jax.losses.center import center_loss, center_structured_loss, update_centers
+from dml_jax.losses.hybrid import demal_hybrid_loss
 from dml_jax.losses.lifted import lifted_structure_loss
 from dml_jax.losses.multi_similarity import multi_similarity_loss
+from dml_jax.losses.npair import angular_loss, npair_loss
+from dml_jax.losses.osm_caa import osm_caa_loss
 from dml_jax.losses.pair import contrastive_loss
+from dml_jax.losses.ranked_list import ranked_list_loss
 from dml_jax.losses.triplet import triplet_loss
 
 __all__ = [
@@ -14,4 +19,15 @@ __all__ = [
     "lifted_structure_loss",
     "multi_similarity_loss",
     "triplet_loss",
+]
+
+__all__ += [
+    "angular_loss",
+    "center_loss",
+    "center_structured_loss",
+    "demal_hybrid_loss",
+    "npair_loss",
+    "osm_caa_loss",
+    "ranked_list_loss",
+    "update_centers",
 ]

@@ -1,0 +1,165 @@
+"""OSM + CAA weighted contrastive loss (Wang, Hua, Kodirov, Hu & Robertson, AAAI 2019)."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from dml_jax import _checks, distances, parallel
+from dml_jax.losses import _batch, _classify
+
+KERNELS = ("paper", "official")
+ATTENTIONS = ("softmax", "gaussian")
+# The official code's Gaussian re-weighting of the true-class probability (``attention/prob3``).
+GAUSSIAN_ATTENTION_MU = 1.0
+GAUSSIAN_ATTENTION_SIGMA = 0.68
+
+
+def class_aware_attention(
+    logits: jax.Array | None, labels: jax.Array, attention: str = "softmax"
+) -> jax.Array:
+    """CAA score ``a_i`` of each row, float32 ``[B]``, as a constant (no gradient).
+
+    ``"softmax"``: ``a_i = softmax(logits_i)[y_i]`` (the paper). ``"gaussian"``: the official
+    code's ``exp(-(p_i - 1)^2 / (2 * 0.68^2))`` of that probability ``p_i`` (its
+    ``1/sqrt(2 pi sigma^2)`` factor cancels in the loss's normalisations). ``logits=None``
+    gives ``a_i = 1``. A label outside ``[0, C)`` gives ``a_i = 0``.
+    """
+    if logits is None:
+        return jnp.ones(labels.shape, jnp.float32)
+    log_p = jax.lax.stop_gradient(_classify.true_class_log_probability(logits, labels))
+    in_range = log_p > _batch.NEG_LARGE / 2
+    p = jnp.exp(jnp.where(in_range, log_p, -jnp.inf))
+    if attention == "gaussian":
+        z = (p - GAUSSIAN_ATTENTION_MU) / GAUSSIAN_ATTENTION_SIGMA
+        p = jnp.exp(-0.5 * z * z)
+    return jnp.where(in_range, p, 0.0)
+
+
+def weighted_mean(num: jax.Array, den: jax.Array, axis_name: str | None) -> jax.Array:
+    """``global num / global den`` with the denominator a constant; 0 when it is 0."""
+    num = parallel.global_sum(num, axis_name)
+    den = parallel.global_count(den, axis_name)
+    positive = den > 0
+    return jnp.where(positive, num / jnp.where(positive, den, 1.0), 0.0)
+
+
+def osm_caa_from_squared_distances(
+    sq: jax.Array,
+    pos: jax.Array,
+    neg: jax.Array,
+    a_rows: jax.Array,
+    a_cols: jax.Array,
+    *,
+    margin: float,
+    sigma: float,
+    lam: float,
+    kernel: str,
+    axis_name: str | None,
+) -> jax.Array:
+    """The OSM+CAA loss from squared distances ``sq`` ``[b, M]`` of unit-norm embeddings,
+    masks ``pos``/``neg`` ``[b, M]`` and attention ``a_rows [b]``, ``a_cols [M]``.
+
+    Shared with :mod:`dml_jax.synthesis`, whose columns include mined synthetic negatives.
+    """
+    d = distances.safe_sqrt(sq)
+    a_pair = jax.lax.stop_gradient(jnp.minimum(a_rows[:, None], a_cols[None, :]))
+    width = sigma * sigma if kernel == "paper" else 2.0 * sigma * sigma
+    sq_const = jax.lax.stop_gradient(sq)
+    w_pos = jnp.exp(-sq_const / width) * a_pair
+    hinge = jax.nn.relu(margin - d)
+    w_neg = jax.lax.stop_gradient(hinge) * a_pair
+    w_pos = jnp.where(pos, w_pos, 0.0)
+    w_neg = jnp.where(neg, w_neg, 0.0)
+    loss_p = weighted_mean(
+        0.5 * _batch.masked_sum(w_pos * sq, pos), jnp.sum(w_pos), axis_name
+    )
+    loss_n = weighted_mean(
+        0.5 * _batch.masked_sum(w_neg * jnp.square(hinge), neg), jnp.sum(w_neg), axis_name
+    )
+    return (1.0 - lam) * loss_p + lam * loss_n
+
+
+def prepare_attention(
+    logits: jax.typing.ArrayLike | None,
+    labels: jax.Array,
+    attention: str,
+    axis_name: str | None,
+) -> tuple[jax.Array, jax.Array]:
+    """Validated CAA scores of the local rows ``[b]`` and of the gathered columns ``[B]``."""
+    if logits is not None:
+        logits = _classify.check_logits(logits, labels)
+    a_rows = class_aware_attention(logits, labels, attention)
+    return a_rows, parallel.all_gather_rows(a_rows, axis_name)
+
+
+@functools.partial(jax.jit, static_argnames=("kernel", "attention", "axis_name"))
+def osm_caa_loss(
+    embeddings: jax.typing.ArrayLike,
+    labels: jax.typing.ArrayLike,
+    logits: jax.typing.ArrayLike | None = None,
+    *,
+    margin: float = 1.2,
+    sigma: float = 0.8,
+    lam: float = 0.5,
+    kernel: str = "paper",
+    attention: str = "softmax",
+    where: jax.typing.ArrayLike | None = None,
+    axis_name: str | None = None,
+) -> jax.Array:
+    r"""Online soft mining (OSM) + class-aware attention (CAA) weighted contrastive loss.
+
+    The embeddings are L2-normalised internally (as the paper's features are), so
+    ``d_ij = ||f_i - f_j||`` lies in ``[0, 2]``. Over the ordered pairs ``i != j``:
+
+    .. math::
+       s^+_{ij} = e^{-d_{ij}^2/\sigma^2}\ (\texttt{kernel="official"}: e^{-d_{ij}^2/(2\sigma^2)}),
+       \quad s^-_{ij} = [m - d_{ij}]_+,\quad a_{ij} = \min(a_i, a_j),
+       \quad w^\pm_{ij} = \mathrm{sg}(s^\pm_{ij} a_{ij})
+
+       L_P = \tfrac12 \frac{\sum_P w^+ d^2}{\sum_P w^+},\quad
+       L_N = \tfrac12 \frac{\sum_N w^- [m - d]_+^2}{\sum_N w^-},\quad
+       L = (1 - \lambda) L_P + \lambda L_N
+
+    ``a_i`` is the softmax probability of the true class from ``logits`` (``attention=
+    "gaussian"``: the official code's Gaussian of it, mu = 1, sigma = 0.68), 1 when ``logits``
+    is None. The weights are constants (``stop_gradient``), as in the official Caffe layer,
+    which only rescales the contrastive gradients; no gradient reaches ``logits``. A set with
+    no pair, or whose weights sum to 0, contributes 0.
+
+    Args:
+      embeddings: float ``[B, D]`` (float32 or bfloat16; arithmetic in float32).
+      labels: int ``[B]``; with ``logits``, class indices into its columns (a label outside
+        ``[0, C)`` gets attention 0).
+      logits: optional float ``[B, C]`` classifier logits of the same rows (sharded like
+        ``embeddings`` under ``axis_name``).
+      margin: ``m`` (the paper's alpha). Default 1.2.
+      sigma: ``sigma_OSM`` (> 0). Default 0.8.
+      lam: ``lambda``, the weight of ``L_N``. Default 0.5.
+      kernel: ``"paper"`` (default, ``exp(-d^2/sigma^2)``, the poster's equation) or
+        ``"official"`` (``exp(-d^2/(2 sigma^2))``, the official code).
+      attention: ``"softmax"`` (default, the paper) or ``"gaussian"`` (the official code).
+      where: optional bool ``[B]``; False rows take no part.
+      axis_name: mesh/pmap axis for a global-batch loss (see :mod:`dml_jax.parallel`); the
+        weight sums are global.
+
+    Returns:
+      float32 scalar. Memory: a few ``[b, B]`` matrices per device.
+
+    References:
+      Wang, Hua, Kodirov, Hu, Robertson, "Deep Metric Learning by Online Soft Mining and
+      Class-Aware Attention", AAAI 2019 (arXiv 1811.01459).
+    """
+    _checks.check_choice(kernel, "kernel", KERNELS)
+    _checks.check_choice(attention, "attention", ATTENTIONS)
+    batch = _batch.pair_batch(embeddings, labels, where, axis_name)
+    rows = distances.l2_normalize(batch.rows)
+    cols = distances.l2_normalize(batch.cols)
+    sq = distances.pairwise_squared_distances(rows, cols)
+    a_rows, a_cols = prepare_attention(logits, batch.row_labels, attention, axis_name)
+    return osm_caa_from_squared_distances(
+        sq, batch.pos, batch.neg, a_rows, a_cols,
+        margin=margin, sigma=sigma, lam=lam, kernel=kernel, axis_name=axis_name,
+    )
