@@ -7,7 +7,14 @@ An objective is configured as data (``config.loss``)::
     classifier_weight: float     # weight of the softmax cross-entropy on the model's logits
 
 It says whether the model needs a classifier head (``needs_logits``), initialises the loss's
-own state (e.g. class centers) and computes ``total = metric loss + classifier_weight * CE``.
+own parameters (trained with the model, e.g. learned class centers) and state (updated by the
+loss, e.g. centers moved by ``update_centers``), and computes
+``total = metric loss + classifier_weight * CE`` (losses that hold a cross-entropy of their
+own, the DeMAL hybrid and the center-structured loss, get no second one).
+
+Losses on anchor/positive pairs (``npair``, ``angular`` and the ``symmetric_*`` losses of
+:mod:`dml_jax.synthesis`) need ``samples_per_class = 2``: the P x K sampler then lays the batch
+out as consecutive pairs.
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from dml_jax import losses
+from dml_jax import losses, synthesis
 
 LossState = dict[str, jax.Array]
 
@@ -30,28 +37,45 @@ class LossSpec:
     """How the training loop calls one loss.
 
     Attributes:
-      fn: ``fn(embeddings, labels, logits, state, **kwargs) -> (loss, new_state)``.
+      fn: ``fn(embeddings, labels, logits, params, state, **kwargs) -> (loss, new_state)``.
       needs_logits: the loss reads the classifier's logits (the model gets a classifier).
-      init_state: ``init_state(num_classes, embedding_dim, kwargs) -> LossState``.
+      has_ce: the loss already holds a classification cross-entropy.
+      init_params: ``init_params(num_classes, embedding_dim, kwargs) -> LossState``: arrays
+        trained with the model.
+      init_state: ``init_state(num_classes, embedding_dim, kwargs) -> LossState``: arrays the
+        loss updates itself.
     """
 
     fn: Callable[..., tuple[jax.Array, LossState]]
     needs_logits: bool = False
+    has_ce: bool = False
+    init_params: Callable[[int, int, Mapping[str, Any]], LossState] = lambda c, d, kw: {}
     init_state: Callable[[int, int, Mapping[str, Any]], LossState] = lambda c, d, kw: {}
 
 
-def _plain(name: str) -> LossSpec:
-    def fn(e, y, logits, state, **kwargs):
-        return getattr(losses, name)(e, y, **kwargs), state
+def _plain(fn: Callable[..., jax.Array]) -> LossSpec:
+    def call(e, y, logits, params, state, **kwargs):
+        return fn(e, y, **kwargs), state
 
-    return LossSpec(fn)
-
-
-def _osm_caa(e, y, logits, state, **kwargs):
-    return losses.osm_caa_loss(e, y, logits, **kwargs), state
+    return LossSpec(call)
 
 
-def _center(e, y, logits, state, *, alpha: float = 0.5, **kwargs):
+def _with_logits(fn: Callable[..., jax.Array], *, has_ce: bool = False) -> LossSpec:
+    def call(e, y, logits, params, state, **kwargs):
+        return fn(e, y, logits, **kwargs), state
+
+    return LossSpec(call, needs_logits=True, has_ce=has_ce)
+
+
+def _zero_centers(num_classes: int, dim: int, kwargs: Mapping[str, Any]) -> LossState:
+    return {"centers": jnp.zeros((num_classes, dim), jnp.float32)}
+
+
+def _no_centers(num_classes: int, dim: int, kwargs: Mapping[str, Any]) -> LossState:
+    return {}
+
+
+def _center(e, y, logits, params, state, *, alpha: float = 0.5, **kwargs):
     """Wen et al.: center loss on the embeddings, centers moved by ``update_centers``."""
     centers = state["centers"]
     loss = losses.center_loss(e, y, centers, **kwargs)
@@ -59,18 +83,51 @@ def _center(e, y, logits, state, *, alpha: float = 0.5, **kwargs):
     return loss, {"centers": new_centers}
 
 
-def _zero_centers(num_classes: int, dim: int, kwargs: Mapping[str, Any]) -> LossState:
-    return {"centers": jnp.zeros((num_classes, dim), jnp.float32)}
+def _center_structured(e, y, logits, params, state, *, learn_centers: bool = True,
+                       alpha: float = 0.5, **kwargs):
+    """Gong et al. (reconstruction): centers learned with the model, or moved (Wen et al.)."""
+    if learn_centers:
+        loss = losses.center_structured_loss(e, y, logits, params["centers"], **kwargs)
+        return loss, state
+    centers = state["centers"]
+    loss = losses.center_structured_loss(e, y, logits, centers, learn_centers=False, **kwargs)
+    new_centers = losses.update_centers(centers, jax.lax.stop_gradient(e), y, alpha=alpha)
+    return loss, {"centers": new_centers}
+
+
+def _centers_if(learned: bool):
+    def init(num_classes, dim, kwargs):
+        wanted = bool(kwargs.get("learn_centers", True)) == learned
+        return _zero_centers(num_classes, dim, kwargs) if wanted else {}
+
+    return init
 
 
 LOSSES: dict[str, LossSpec] = {
-    "contrastive": _plain("contrastive_loss"),
-    "triplet": _plain("triplet_loss"),
-    "lifted_structure": _plain("lifted_structure_loss"),
-    "multi_similarity": _plain("multi_similarity_loss"),
-    "ranked_list": _plain("ranked_list_loss"),
-    "osm_caa": LossSpec(_osm_caa, needs_logits=True),
-    "center": LossSpec(_center, needs_logits=True, init_state=_zero_centers),
+    "contrastive": _plain(losses.contrastive_loss),
+    "triplet": _plain(losses.triplet_loss),
+    "lifted_structure": _plain(losses.lifted_structure_loss),
+    "multi_similarity": _plain(losses.multi_similarity_loss),
+    "ranked_list": _plain(losses.ranked_list_loss),
+    "npair": _plain(losses.npair_loss),
+    "angular": _plain(losses.angular_loss),
+    "symmetric_triplet": _plain(synthesis.symmetric_triplet_loss),
+    "symmetric_lifted_structure": _plain(synthesis.symmetric_lifted_structure_loss),
+    "symmetric_contrastive": _plain(synthesis.symmetric_contrastive_loss),
+    "symmetric_multi_similarity": _plain(synthesis.symmetric_multi_similarity_loss),
+    "symmetric_npair": _plain(synthesis.symmetric_npair_loss),
+    "symmetric_angular": _plain(synthesis.symmetric_angular_loss),
+    "osm_caa": _with_logits(losses.osm_caa_loss),
+    "symmetric_osm_caa": _with_logits(synthesis.symmetric_osm_caa_loss),
+    "demal_hybrid": _with_logits(losses.demal_hybrid_loss, has_ce=True),
+    "center": LossSpec(_center, needs_logits=False, init_state=_zero_centers),
+    "center_structured": LossSpec(
+        _center_structured,
+        needs_logits=True,
+        has_ce=True,
+        init_params=_centers_if(True),
+        init_state=_centers_if(False),
+    ),
 }
 
 
@@ -81,6 +138,12 @@ def get_spec(name: str) -> LossSpec:
             f"Unknown loss {name!r} in config.loss.name; known: {', '.join(sorted(LOSSES))}."
         )
     return LOSSES[name]
+
+
+def init_loss_params(loss_config: Mapping[str, Any], num_classes: int, dim: int) -> LossState:
+    """The loss's trainable parameters (empty for most losses)."""
+    spec = get_spec(loss_config["name"])
+    return spec.init_params(num_classes, dim, dict(loss_config.get("kwargs", {})))
 
 
 def init_loss_state(loss_config: Mapping[str, Any], num_classes: int, dim: int) -> LossState:
@@ -94,6 +157,7 @@ def compute(
     embeddings: jax.Array,
     labels: jax.Array,
     logits: jax.Array | None,
+    params: LossState,
     state: LossState,
 ) -> tuple[jax.Array, dict[str, jax.Array], LossState]:
     """Total training loss, its parts, and the new loss state.
@@ -103,6 +167,7 @@ def compute(
       embeddings: ``[B, E]`` from the model.
       labels: int ``[B]``.
       logits: ``[B, C]`` from the model's classifier, or None.
+      params: the loss's trainable parameters.
       state: the loss's state.
 
     Returns:
@@ -110,11 +175,11 @@ def compute(
     """
     spec = get_spec(loss_config["name"])
     kwargs = dict(loss_config.get("kwargs", {}))
-    metric_loss, new_state = spec.fn(embeddings, labels, logits, state, **kwargs)
+    metric_loss, new_state = spec.fn(embeddings, labels, logits, params, state, **kwargs)
     parts = {"metric_loss": metric_loss}
     total = metric_loss
     weight = float(loss_config.get("classifier_weight", 0.0))
-    if logits is not None and weight > 0:
+    if logits is not None and weight > 0 and not spec.has_ce:
         ce = optax.losses.softmax_cross_entropy_with_integer_labels(
             logits.astype(jnp.float32), labels
         ).mean()

@@ -7,8 +7,9 @@ BatchNorm statistics) computed on the global batch by XLA. The state is donated.
 
 The state is a plain pytree::
 
-    {"step": int32 [], "params": nnx.State, "rest": nnx.State (BatchNorm statistics, frozen
-     parameters), "opt_state": optax state, "loss_state": dict, "rng": uint32 [2]}
+    {"step": int32 [], "params": {"model": nnx.State, "loss": dict (e.g. learned centers)},
+     "rest": nnx.State (BatchNorm statistics, frozen parameters), "opt_state": optax state,
+     "loss_state": dict (e.g. moved centers), "rng": uint32 [2]}
 
 Checkpoints (orbax) hold it whole; the P x K sampler's position is the step, so a resumed run
 continues exactly where it stopped.
@@ -132,8 +133,13 @@ def create_state(config, num_classes: int, tx: optax.GradientTransformation):
     model.eval()
     graphdef_eval = nnx.graphdef(model)
     model.train()
-    graphdef_train, params, rest = nnx.split(model, nnx.Param, ...)
-    loss_state = objectives.init_loss_state(config.loss, num_classes, model.embedding_dim)
+    graphdef_train, model_params, rest = nnx.split(model, nnx.Param, ...)
+    dim = model.embedding_dim
+    params = {
+        "model": model_params,
+        "loss": objectives.init_loss_params(config.loss, num_classes, dim),
+    }
+    loss_state = objectives.init_loss_state(config.loss, num_classes, dim)
     state = {
         "step": jnp.zeros((), jnp.int32),
         "params": params,
@@ -154,10 +160,11 @@ def make_train_step(graphdef, loss_config: Mapping[str, Any], tx: optax.Gradient
 
     def train_step(state, images, labels):
         def loss_fn(params):
-            model = nnx.merge(graphdef, params, state["rest"], copy=True)
+            model = nnx.merge(graphdef, params["model"], state["rest"], copy=True)
             embeddings, aux = model(images)
             total, parts, loss_state = objectives.compute(
-                loss_config, embeddings, labels, aux.get("logits"), state["loss_state"]
+                loss_config, embeddings, labels, aux.get("logits"), params["loss"],
+                state["loss_state"],
             )
             rest = nnx.state(model, nnx.Not(nnx.Param))
             return total, (parts, rest, loss_state)
@@ -214,7 +221,7 @@ def embed_dataset(embed, state, mesh: Mesh, images: np.ndarray, batch_size: int)
         pad = batch_size - chunk.shape[0]
         if pad:
             chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), chunk.dtype)])
-        emb = embed(state["params"], state["rest"], shard_batch(mesh, chunk))
+        emb = embed(state["params"]["model"], state["rest"], shard_batch(mesh, chunk))
         out.append(np.asarray(jax.device_get(emb))[: batch_size - pad])
     return np.concatenate(out)
 

@@ -12,7 +12,8 @@ and only one ``[b, B]`` product is differentiated.
 
 Mining is cheap in class-balanced batches, where an anchor has few positives: the columns are
 ordered by label (one ``[B]`` argsort), which makes each anchor's positives a contiguous run,
-gathered into ``S`` static slots (``S`` = 8 or 32, whichever fits the batch's largest class);
+gathered into ``S`` static slots (``S`` = 8 or 32, whichever holds every anchor's span of
+positive columns, i.e. the batch's largest class);
 the terms are then decided against every negative in ``O(b S B)`` work. A batch with a class of
 more than 32 rows takes a sort-based path instead (each anchor's negative distances sorted once,
 then binary searches: ``O(B^2 log B)`` work, ``O(B^2)`` memory). XLA's CPU sort of a
@@ -46,30 +47,36 @@ def _scatter_rows(values: jax.Array, cols: jax.Array, width: int) -> jax.Array:
     return jnp.zeros((values.shape[0], width), jnp.float32).at[rows, cols].add(values)
 
 
-def _sort_columns_by_label(batch: _batch.PairBatch) -> tuple[_batch.PairBatch, jax.Array]:
+def sort_columns_by_label(batch: _batch.PairBatch) -> _batch.PairBatch:
     """Reorders the columns by label (padding last), so each anchor's positives are a run.
 
-    Returns the reordered batch and each row's run start ``[b]`` (the first sorted column with
-    its label). Only the column order changes: every sum over columns is the same.
+    Only the column order changes: every sum over columns is the same.
     """
     key = jnp.where(batch.col_valid, batch.col_labels, jnp.iinfo(jnp.int32).max)
     order = jnp.argsort(key, stable=True)  # [B]
-    start = jnp.searchsorted(key[order], batch.row_labels, side="left").astype(jnp.int32)
-    reordered = batch._replace(
+    return batch._replace(
         cols=batch.cols[order],
         col_labels=batch.col_labels[order],
         col_valid=batch.col_valid[order],
         pos=jnp.take(batch.pos, order, axis=1),
         neg=jnp.take(batch.neg, order, axis=1),
     )
-    return reordered, start
+
+
+def _positive_span(pos: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Each row's first positive column ``[b]`` and the widest span of positive columns."""
+    width = pos.shape[1]
+    first = jnp.argmax(pos, axis=1).astype(jnp.int32)
+    last = width - 1 - jnp.argmax(pos[:, ::-1], axis=1)
+    span = jnp.where(jnp.any(pos, axis=1), last - first + 1, 0)
+    return first, jnp.max(span)
 
 
 def _pack_positives(d, batch, start, slots):
     """Each row's positives in ``slots`` slots: ``(d_ap [b, S], filled [b, S], cols [b, S])``.
 
-    ``d`` and ``batch`` have label-sorted columns; a row's positives lie in the ``slots``
-    columns from ``start`` (exact when no label has more than ``slots`` valid rows).
+    A row's positives must lie in the ``slots`` columns from ``start``, its first positive
+    (true with label-sorted columns when no label has more than ``slots`` valid rows).
     """
     width = d.shape[1]
     cols = start[:, None] + jnp.arange(slots, dtype=jnp.int32)[None, :]
@@ -134,23 +141,23 @@ def _semi_hard_sorted(d, batch, start, margin):
     return _semi_hard_terms(d, batch, d, batch.pos, cols, neg_cols, margin)
 
 
-def _mine(d, batch, start, slotted, fallback):
-    """``(C [b, B], n_active)`` from the smallest slot count that fits, else ``fallback``.
+def _mine(d, batch, slotted, fallback):
+    """``(C [b, B], n_active)`` from the smallest slot count that holds every row's positive
+    columns (from its first to its last), else ``fallback``.
 
     Runs on constants: no gradient passes through the mining.
     """
     d = jax.lax.stop_gradient(d)
-    run = jnp.max(jnp.sum(batch.pos, axis=1)) + 1  # the longest label run, self included
-    index = jnp.searchsorted(jnp.asarray(SLOT_SIZES), run)  # len(SLOT_SIZES) -> fallback
+    start, span = _positive_span(batch.pos)
+    index = jnp.searchsorted(jnp.asarray(SLOT_SIZES), span)  # len(SLOT_SIZES) -> fallback
     branches = [functools.partial(slotted, slots=s) for s in SLOT_SIZES] + [fallback]
     return jax.lax.switch(index, branches, d, batch, start)
 
 
-def _all_triplets(d, batch, start, margin):
+def _all_triplets(d, batch, margin):
     coef, active = _mine(
         d,
         batch,
-        start,
         lambda d, b, st, slots: _all_slotted(d, b, st, margin, slots),
         lambda d, b, st: _all_sorted(d, b, st, margin),
     )
@@ -161,11 +168,10 @@ def _all_triplets(d, batch, start, margin):
     return total, num_triplets
 
 
-def _semi_hard(d, batch, start, margin):
+def _semi_hard(d, batch, margin):
     coef, active = _mine(
         d,
         batch,
-        start,
         lambda d, b, st, slots: _semi_hard_slotted(d, b, st, margin, slots),
         lambda d, b, st: _semi_hard_sorted(d, b, st, margin),
     )
@@ -174,7 +180,7 @@ def _semi_hard(d, batch, start, margin):
     return total, count
 
 
-def _batch_hard(d, batch, start, margin):
+def _batch_hard(d, batch, margin):
     hardest_pos = jnp.max(jnp.where(batch.pos, d, -jnp.inf), axis=1)
     hardest_neg = jnp.min(jnp.where(batch.neg, d, jnp.inf), axis=1)
     valid = jnp.any(batch.pos, axis=1) & jnp.any(batch.neg, axis=1)
@@ -224,11 +230,10 @@ def triplet_loss(
     """
     _checks.check_choice(mining, "mining", MINING)
     batch = _batch.pair_batch(embeddings, labels, where, axis_name)
-    start = None
     if mining != "batch_hard":
-        batch, start = _sort_columns_by_label(batch)
+        batch = sort_columns_by_label(batch)
     d = _batch.distances_of(batch)
     total, count = {"all": _all_triplets, "batch_hard": _batch_hard, "semi_hard": _semi_hard}[
         mining
-    ](d, batch, start, margin)
+    ](d, batch, margin)
     return _batch.global_mean(total, count, axis_name)

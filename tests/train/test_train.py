@@ -96,7 +96,7 @@ def test_resume_is_bit_exact(tmp_path):
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
-    def poisoned(e, y, logits, state, **kwargs):
+    def poisoned(e, y, logits, params, state, **kwargs):
         loss = jnp.mean(jnp.sum(e * e, axis=1))
         bad = state["calls"] >= 3  # the 4th step's loss is NaN
         return jnp.where(bad, jnp.nan, loss), {"calls": state["calls"] + 1}
