@@ -25,7 +25,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from dml_jax import losses  # noqa: E402
+from dml_jax import losses
 
 
 def time_jax(fn: Callable, e: jax.Array, y: jax.Array, repeats: int) -> tuple[float, float]:

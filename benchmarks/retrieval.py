@@ -7,8 +7,12 @@ pytorch-metric-learning's AccuracyCalculator, in one process, on the same embedd
 
 Prints wall-clock seconds (best of --repeats, after one warm-up call that compiles), the ratio
 dml_jax / faiss, and checks that every backend reports identical values (AccuracyCalculator:
-to 1e-12). Synthetic data: unit-norm class centres plus Gaussian noise, L2-normalised, so the
-metrics are neither 0 nor 1. Nothing is downloaded.
+to 1e-12). faiss ranks by float32 distances, dml_jax by exact ones (ties to the lower
+index), so a few near-tied neighbours can come in another order: the check then verifies
+that every differing neighbour list holds the same distances to float32 resolution, and
+allows the metrics to differ by at most the share of queries involved. Synthetic data:
+unit-norm class centres plus Gaussian noise, L2-normalised, so the metrics are neither 0 nor 1.
+Nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -61,7 +65,7 @@ def faiss_baseline(x, y, ks):
     out["r_precision"] = float(np.mean(rel.sum(1) / r))
     out["map@r"] = float(np.mean((np.cumsum(match, 1) / ranks * rel).sum(1) / r))
     out["num_queries"] = int(valid.sum())
-    return out
+    return out, idx, valid
 
 
 def pml_accuracy(x, y, with_nmi: bool):
@@ -93,6 +97,24 @@ def compare(name, a, b, tol=1e-12):
     return diff <= tol
 
 
+def tie_explained(x, idx_faiss, valid, k):
+    """Share of queries whose neighbour lists differ from dml_jax's, or None if some
+    difference is more than a float32 near-tie reordering."""
+    from dml_jax.evaluation import knn
+
+    idx_ours, sq_ours = knn(x, k=k)
+    idx_ours, sq_ours = idx_ours[valid], sq_ours[valid]
+    rows = np.flatnonzero((idx_ours != idx_faiss).any(axis=1))
+    xv = x[valid].astype(np.float64)
+    for r in rows:
+        diff = x[idx_faiss[r]].astype(np.float64) - xv[r]
+        sq_faiss = np.sort(np.einsum("kd,kd->k", diff, diff))
+        scale = 2.0 * (1.0 + np.max(np.sum(x[idx_faiss[r]].astype(np.float64) ** 2, axis=1)))
+        if np.max(np.abs(sq_faiss - sq_ours[r])) > 8 * np.finfo(np.float32).eps * scale:
+            return None
+    return rows.size / max(int(valid.sum()), 1)
+
+
 def run(n, dim, per_class, repeats, full):
     import faiss
     import jax
@@ -107,7 +129,7 @@ def run(n, dim, per_class, repeats, full):
         f"{jax.default_backend()} x{len(jax.local_devices())}, faiss {faiss.__version__} "
         f"({faiss.omp_get_max_threads()} threads)"
     )
-    t_faiss, m_faiss = timed(lambda: faiss_baseline(x, y, ks), repeats)
+    t_faiss, (m_faiss, idx_faiss, valid) = timed(lambda: faiss_baseline(x, y, ks), repeats)
     t_auto, m_auto = timed(lambda: retrieval_metrics(x, y, ks=ks, backend="auto"), repeats)
     t_jax, m_jax = timed(lambda: retrieval_metrics(x, y, ks=ks, backend="jax"), repeats)
     t_pml, m_pml = timed(lambda: pml_accuracy(x, y, with_nmi=False), repeats)
@@ -117,12 +139,20 @@ def run(n, dim, per_class, repeats, full):
     print(f"  PML AccuracyCalculator      : {t_pml:8.2f} s   ratio dml_jax(auto)/PML "
           f"{t_auto / t_pml:.2f}x")
     print(f"  metrics: { {k: round(v, 6) for k, v in m_auto.items()} }")
-    ok = compare("auto vs faiss baseline", m_auto, m_faiss)
-    ok &= compare("jax vs auto", m_jax, m_auto)
-    pml_map = {"precision@1": "precision_at_1", "r_precision": "r_precision",
-               "map@r": "mean_average_precision_at_r"}
-    ok &= compare("dml_jax vs PML", {k: m_auto[k] for k in pml_map},
-                  {k: m_pml[v] for k, v in pml_map.items()})
+    ok = compare("jax vs auto (exact, identical)", m_jax, m_auto)
+    share = tie_explained(x, idx_faiss, valid, idx_faiss.shape[1])
+    if share is None:
+        print("  values dml_jax vs faiss: neighbour lists differ beyond float32 ties")
+        ok = False
+    else:
+        tol = max(share, 1e-12)
+        print(f"  {share * 100:.3f}% of queries see float32 near-ties ordered differently "
+              "by faiss")
+        ok &= compare("dml_jax vs faiss baseline", m_auto, m_faiss, tol)
+        pml_map = {"precision@1": "precision_at_1", "r_precision": "r_precision",
+                   "map@r": "mean_average_precision_at_r"}
+        ok &= compare("dml_jax vs PML", {k: m_auto[k] for k in pml_map},
+                      {k: m_pml[v] for k, v in pml_map.items()}, tol)
     if full:
         def ours_full():
             m = retrieval_metrics(x, y, ks=ks)

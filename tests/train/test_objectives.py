@@ -48,5 +48,5 @@ def test_every_objective_gives_a_finite_loss_and_gradient(name):
 
 
 def test_unknown_loss_lists_the_known_ones():
-    with pytest.raises(ValueError, match="known: .*osm_caa"):
+    with pytest.raises(ValueError, match=r"known: .*osm_caa"):
         objectives.get_spec("arcface")
