@@ -46,6 +46,7 @@ from dml_jax.losses.npair import (
     cross_dots,
     l2_regulariser,
     pair_layout,
+    reflection_coefficient,
     same_class,
     softmax_cross_entropy,
 )
@@ -70,8 +71,6 @@ __all__ = [
     "symmetric_triplet_loss",
     "symmetric_view",
 ]
-
-_TINY = 1e-24
 
 
 def reflect(points: jax.typing.ArrayLike, axes: jax.typing.ArrayLike) -> jax.Array:
@@ -146,8 +145,8 @@ def symmetric_view(
     nk, nl = n_cols[0::2], n_cols[1::2]
     kl = jnp.sum(xk * xl, axis=1)
     g_k, g_l = g[:, 0::2], g[:, 1::2]
-    g_kr = (2.0 * kl / jnp.maximum(nl, _TINY))[None, :] * g_l - g_k  # x_i . x'_k
-    g_lr = (2.0 * kl / jnp.maximum(nk, _TINY))[None, :] * g_k - g_l  # x_i . x'_l
+    g_kr = reflection_coefficient(kl, nl)[None, :] * g_l - g_k  # x_i . x'_k
+    g_lr = reflection_coefficient(kl, nk)[None, :] * g_k - g_l  # x_i . x'_l
     cand_dots = jnp.stack([g_k, g_l, g_kr, g_lr])  # [4, b, N]
     cand_norms = jnp.stack([nk, nl, nk, nl])[:, None, :]  # [4, 1, N]
     cand_sq = jnp.maximum(n_rows[None, :, None] + cand_norms - 2.0 * cand_dots, 0.0)
