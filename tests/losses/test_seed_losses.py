@@ -65,6 +65,13 @@ def pair_batch(seed, b=B, d=D, num_classes=4):
 
 ALL = [(c, random_batch) for c in SEED] + [(c, pair_batch) for c in SEED_PAIRS]
 ALL_IDS = SEED_IDS + SEED_PAIR_IDS
+# One case per family for the dtype / padding / invariance / vmap checks (compile time
+# dominates this suite; values and gradients of every case are checked above).
+REPRESENTATIVE = {"osm_caa_logits_official", "ranked_list_official", "center_structured",
+                  "demal_hybrid", "npair", "symm_npair_original", "symm_angular",
+                  "symm_triplet_semi_hard", "symm_lifted", "symm_osm_caa"}
+SOME = [c for c in ALL if c[0][0] in REPRESENTATIVE]
+SOME_IDS = [c[0][0] for c in SOME]
 
 
 @pytest.mark.parametrize(("case", "make"), ALL, ids=ALL_IDS)
@@ -100,7 +107,7 @@ def test_weights_are_constants(case):
     assert np.max(np.abs(g_flowing - g_frozen)) > 1e-2
 
 
-@pytest.mark.parametrize(("case", "make"), ALL, ids=ALL_IDS)
+@pytest.mark.parametrize(("case", "make"), SOME, ids=SOME_IDS)
 def test_bfloat16_input_computes_in_float32(case, make):
     fn, reference = bind(case)
     e, y = make(5)
@@ -149,7 +156,7 @@ def test_label_edge_cases_and_degenerate_points(case, make):
         assert np.isfinite(value) and np.all(np.isfinite(grad))
 
 
-@pytest.mark.parametrize(("case", "make"), ALL, ids=ALL_IDS)
+@pytest.mark.parametrize(("case", "make"), SOME, ids=SOME_IDS)
 def test_padding_rows_take_no_part(case, make):
     fn, _ = bind(case)
     e, y = make(6)
@@ -170,7 +177,7 @@ def test_padding_rows_take_no_part(case, make):
     np.testing.assert_array_equal(g2, 0.0)
 
 
-@pytest.mark.parametrize(("case", "make"), ALL, ids=ALL_IDS)
+@pytest.mark.parametrize(("case", "make"), SOME, ids=SOME_IDS)
 @settings(max_examples=3, deadline=None)
 @given(data=st.data())
 def test_permutation_and_relabelling_invariance(case, make, data):
@@ -188,7 +195,7 @@ def test_permutation_and_relabelling_invariance(case, make, data):
         np.testing.assert_allclose(fn(e, mapping[y]), base, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize(("case", "make"), ALL, ids=ALL_IDS)
+@pytest.mark.parametrize(("case", "make"), SOME, ids=SOME_IDS)
 def test_vmap_equals_python_loop(case, make):
     fn, _ = bind(case)
     batches = [make(s) for s in range(3)]
