@@ -46,6 +46,7 @@ from dml_jax.losses.npair import (
     cross_dots,
     l2_regulariser,
     pair_layout,
+    reflection_coefficient,
     same_class,
     softmax_cross_entropy,
 )
@@ -70,8 +71,6 @@ __all__ = [
     "symmetric_triplet_loss",
     "symmetric_view",
 ]
-
-_TINY = 1e-24
 
 
 def reflect(points: jax.typing.ArrayLike, axes: jax.typing.ArrayLike) -> jax.Array:
@@ -146,8 +145,8 @@ def symmetric_view(
     nk, nl = n_cols[0::2], n_cols[1::2]
     kl = jnp.sum(xk * xl, axis=1)
     g_k, g_l = g[:, 0::2], g[:, 1::2]
-    g_kr = (2.0 * kl / jnp.maximum(nl, _TINY))[None, :] * g_l - g_k  # x_i . x'_k
-    g_lr = (2.0 * kl / jnp.maximum(nk, _TINY))[None, :] * g_k - g_l  # x_i . x'_l
+    g_kr = reflection_coefficient(kl, nl)[None, :] * g_l - g_k  # x_i . x'_k
+    g_lr = reflection_coefficient(kl, nk)[None, :] * g_k - g_l  # x_i . x'_l
     cand_dots = jnp.stack([g_k, g_l, g_kr, g_lr])  # [4, b, N]
     cand_norms = jnp.stack([nk, nl, nk, nl])[:, None, :]  # [4, 1, N]
     cand_sq = jnp.maximum(n_rows[None, :, None] + cand_norms - 2.0 * cand_dots, 0.0)
@@ -228,12 +227,25 @@ def symmetric_triplet_loss(
     _checks.check_choice(mining, "mining", triplet.MINING)
     view = symmetric_view(embeddings, labels, where=where, axis_name=axis_name)
     d = distances.safe_sqrt(view.sq)
-    fn = {
-        "all": triplet._all_triplets,
-        "batch_hard": triplet._batch_hard,
-        "semi_hard": triplet._semi_hard,
+    batch = _view_batch(view)
+    if mining == "batch_hard":
+        total, count = triplet._batch_hard(d, batch, margin)
+        return _batch.global_mean(total, count, axis_name)
+    slotted, fallback = {
+        "all": (triplet._all_triplets_slotted, triplet._all_triplets_sorted),
+        "semi_hard": (triplet._semi_hard_slotted, triplet._semi_hard_sorted),
     }[mining]
-    total, count = fn(d, _view_batch(view), margin)
+    # Pair-layout batches usually have 1 positive per anchor: try 2 slots before triplet's 8/32.
+    most = jnp.max(jnp.sum(batch.pos, axis=1))
+    sizes = (2, *triplet.SLOT_SIZES)
+    branches = [functools.partial(slotted, margin=margin, slots=k) for k in sizes]
+    branches.append(functools.partial(fallback, margin=margin))
+    total = jax.lax.switch(jnp.searchsorted(jnp.asarray(sizes), most), branches, d, batch)
+    has_neg = jnp.any(batch.neg, axis=1, keepdims=True)
+    if mining == "all":
+        count = jnp.sum(jnp.sum(batch.pos, axis=1).astype(jnp.float32) * jnp.sum(batch.neg, 1))
+    else:
+        count = jnp.sum(batch.pos & has_neg)
     return _batch.global_mean(total, count, axis_name)
 
 

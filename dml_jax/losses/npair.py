@@ -21,7 +21,14 @@ import jax.numpy as jnp
 from dml_jax import distances, parallel
 from dml_jax.losses import _batch
 
-_TINY = 1e-24  # squared-norm floor of a reflection axis, as distances.l2_normalize's eps**2
+_AXIS_FLOOR = 1e-12  # an axis with ||a||^2 below this counts as zero: reflect(p about 0) = -p
+
+
+def reflection_coefficient(dot: jax.Array, axis_sq_norm: jax.Array) -> jax.Array:
+    """``2 (p.a) / ||a||^2``, the coefficient of ``a`` in ``reflect(p about a)``; 0 (with a zero
+    gradient) for an axis of squared norm below 1e-12, so a zero axis gives ``-p``."""
+    ok = axis_sq_norm > _AXIS_FLOOR
+    return jnp.where(ok, 2.0 * dot / jnp.where(ok, axis_sq_norm, 1.0), 0.0)
 
 
 class PairLayout(NamedTuple):
@@ -103,9 +110,9 @@ def coefficients(dots: tuple[jax.Array, jax.Array, jax.Array], point: str):
     if point == "p":
         return 0.0, 1.0
     if point == "s1":
-        return 2.0 * ap / jnp.maximum(aa, _TINY), -1.0
+        return reflection_coefficient(ap, aa), -1.0
     if point == "s2":
-        return -1.0, 2.0 * ap / jnp.maximum(pp, _TINY)
+        return -1.0, reflection_coefficient(ap, pp)
     raise ValueError(point)
 
 

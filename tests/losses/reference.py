@@ -235,7 +235,7 @@ def ranked_list(e, y, margin=0.4, alpha=1.2, t_n=10.0, t_p=0.0, lam=0.5,
 def center(e, y, centers, where=None):
     e, y = _drop(e, y, where)
     c = np.asarray(centers, np.float64)
-    terms = [0.5 * dist(e[i], c[int(y[i])]) ** 2 for i in range(len(y))]
+    terms = [0.5 * dist(e[i], c[min(max(int(y[i]), 0), len(c) - 1)]) ** 2 for i in range(len(y))]
     return float(np.mean(terms)) if terms else 0.0
 
 
