@@ -227,25 +227,14 @@ def symmetric_triplet_loss(
     _checks.check_choice(mining, "mining", triplet.MINING)
     view = symmetric_view(embeddings, labels, where=where, axis_name=axis_name)
     d = distances.safe_sqrt(view.sq)
-    batch = _view_batch(view)
-    if mining == "batch_hard":
-        total, count = triplet._batch_hard(d, batch, margin)
-        return _batch.global_mean(total, count, axis_name)
-    slotted, fallback = {
-        "all": (triplet._all_triplets_slotted, triplet._all_triplets_sorted),
-        "semi_hard": (triplet._semi_hard_slotted, triplet._semi_hard_sorted),
+    fn = {
+        "all": triplet._all_triplets,
+        "batch_hard": triplet._batch_hard,
+        "semi_hard": triplet._semi_hard,
     }[mining]
-    # Pair-layout batches usually have 1 positive per anchor: try 2 slots before triplet's 8/32.
-    most = jnp.max(jnp.sum(batch.pos, axis=1))
-    sizes = (2, *triplet.SLOT_SIZES)
-    branches = [functools.partial(slotted, margin=margin, slots=k) for k in sizes]
-    branches.append(functools.partial(fallback, margin=margin))
-    total = jax.lax.switch(jnp.searchsorted(jnp.asarray(sizes), most), branches, d, batch)
-    has_neg = jnp.any(batch.neg, axis=1, keepdims=True)
-    if mining == "all":
-        count = jnp.sum(jnp.sum(batch.pos, axis=1).astype(jnp.float32) * jnp.sum(batch.neg, 1))
-    else:
-        count = jnp.sum(batch.pos & has_neg)
+    # The view's columns keep each anchor's partner (its one positive) next to it, so the
+    # triplet miners' 2-slot path applies.
+    total, count = fn(d, _view_batch(view), margin)
     return _batch.global_mean(total, count, axis_name)
 
 

@@ -12,7 +12,7 @@ and only one ``[b, B]`` product is differentiated.
 
 Mining is cheap in class-balanced batches, where an anchor has few positives: the columns are
 ordered by label (one ``[B]`` argsort), which makes each anchor's positives a contiguous run,
-gathered into ``S`` static slots (``S`` = 8 or 32, whichever holds every anchor's span of
+gathered into ``S`` static slots (``S`` = 2, 8 or 32, whichever holds every anchor's span of
 positive columns, i.e. the batch's largest class);
 the terms are then decided against every negative in ``O(b S B)`` work. A batch with a class of
 more than 32 rows takes a sort-based path instead (each anchor's negative distances sorted once,
@@ -31,7 +31,7 @@ from dml_jax import _checks
 from dml_jax.losses import _batch
 
 MINING = ("all", "batch_hard", "semi_hard")
-SLOT_SIZES = (8, 32)
+SLOT_SIZES = (2, 8, 32)
 
 
 def _searchsorted_rows(sorted_rows: jax.Array, queries: jax.Array, side: str) -> jax.Array:
