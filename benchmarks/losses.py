@@ -2,11 +2,14 @@
 
     python benchmarks/losses.py [--batch 1024 --dim 512 --per-class 8 --repeats 10]
 
-Same process, same inputs (float32 ``[B, D]``, ``B / per_class`` classes). For each loss it
-prints dml_jax's median time, the peer's (pytorch-metric-learning on torch CPU, configured to the
-same semantics where one exists), the speed-up ``peer / dml_jax``, the ratio to the matmul floor
-(``e @ e.T`` and one ``[B, B] @ [B, D]``, forward+backward in JAX) and whether the two values
-agree. Needs the ``bench`` extra (torch, pytorch-metric-learning).
+Same process, same inputs (float32 ``[B, D]``, ``B / per_class`` classes; the losses on
+anchor/positive pairs -- N-pair, angular and the symmetrical-synthesis ones -- get the paper's
+layout instead, ``B / 2`` classes of two consecutive rows). For each loss it prints dml_jax's
+median time, the peer's (pytorch-metric-learning on torch CPU, configured to the same semantics
+where one exists), the speed-up ``peer / dml_jax``, the ratio to the matmul floor (``e @ e.T``
+and one ``[B, B] @ [B, D]``, forward+backward in JAX), the ratio to the plain contrastive loss
+on the same batch, and whether the two values agree. Needs the ``bench`` extra (torch,
+pytorch-metric-learning).
 """
 
 from __future__ import annotations
@@ -26,6 +29,9 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from dml_jax import losses
+
+# Losses on anchor/positive pairs: they get the P x 2 layout.
+PAIR_LAYOUT = ("npair", "angular", "symm")
 
 
 def time_jax(fn: Callable, e: jax.Array, y: jax.Array, repeats: int) -> tuple[float, float]:
@@ -145,8 +151,13 @@ def main() -> None:
     y_np = np.repeat(np.arange(args.batch // args.per_class), args.per_class).astype(np.int32)
     y_np = y_np[rng.permutation(args.batch)]
     e, y = jnp.asarray(e_np), jnp.asarray(y_np)
+    y_pairs = jnp.repeat(jnp.arange(args.batch // 2, dtype=jnp.int32), 2)
 
     floor, _ = time_jax(lambda e, y: jnp.sum((e @ e.T) @ e), e, y, args.repeats)
+    contrastive = {
+        "pk": time_jax(losses.contrastive_loss, e, y, args.repeats)[0],
+        "pairs": time_jax(losses.contrastive_loss, e, y_pairs, args.repeats)[0],
+    }
     try:
         import torch
 
@@ -158,11 +169,12 @@ def main() -> None:
     print(f"# B={args.batch}, D={args.dim}, {args.per_class} per class; median of "
           f"{args.repeats}; matmul floor {floor * 1e3:.1f} ms")
     print(f"{'loss':<26}{'dml_jax ms':>11}{'peer ms':>10}{'speed-up':>10}{'x floor':>9}"
-          f"{'values':>10}")
+          f"{'x contr.':>9}{'values':>10}")
     for name, (fn, peer, comparable) in peers().items():
         if args.only and name not in args.only:
             continue
-        t_jax, v_jax = time_jax(fn, e, y, args.repeats)
+        layout = "pairs" if name.startswith(PAIR_LAYOUT) else "pk"
+        t_jax, v_jax = time_jax(fn, e, y_pairs if layout == "pairs" else y, args.repeats)
         peer_ms = speedup = agree = "-"
         if peer is not None:
             loss_obj, miner = peer()
@@ -177,8 +189,9 @@ def main() -> None:
             if comparable and t_peer is not None:
                 agree = "same" if abs(v_peer - v_jax) <= 1e-4 * max(1.0, abs(v_jax)) else (
                     f"{v_jax:.4g}/{v_peer:.4g}")
-        print(f"{name:<26}{t_jax * 1e3:>11.1f}{peer_ms:>10}{speedup:>10}"
-              f"{t_jax / floor:>9.2f}{agree:>10}")
+        name_shown = f"{name} (pairs)" if layout == "pairs" else name
+        print(f"{name_shown:<26}{t_jax * 1e3:>11.1f}{peer_ms:>10}{speedup:>10}"
+              f"{t_jax / floor:>9.2f}{t_jax / contrastive[layout]:>9.2f}{agree:>10}")
 
 
 if __name__ == "__main__":

@@ -151,7 +151,11 @@ def symmetric_view(
     cand_norms = jnp.stack([nk, nl, nk, nl])[:, None, :]  # [4, 1, N]
     cand_sq = jnp.maximum(n_rows[None, :, None] + cand_norms - 2.0 * cand_dots, 0.0)
     choice = jnp.argmin(jax.lax.stop_gradient(cand_sq), axis=0).astype(jnp.int32)  # [b, N]
-    pick = lambda x: jnp.take_along_axis(x, choice[None], axis=0)[0]
+
+    def pick(x):  # x[choice]: a select chain, elementwise in both directions (no scatter)
+        return jnp.where(choice == 0, x[0], jnp.where(choice == 1, x[1],
+                         jnp.where(choice == 2, x[2], x[3])))
+
     pair_labels = batch.col_labels[0::2]
     pair_valid = batch.col_valid[0::2] & batch.col_valid[1::2]
     mined_neg = (
