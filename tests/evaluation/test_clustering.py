@@ -9,6 +9,7 @@ import pytest
 from sklearn.metrics import normalized_mutual_info_score
 
 from dml_jax.evaluation import clustering_metrics, kmeans, normalized_mutual_info, pairwise_f1
+from tests.evaluation.backends import BACKENDS
 
 
 def _pair_f1(yt, yp):
@@ -52,7 +53,7 @@ def test_pairwise_f1_hand_built_and_enumerated():
         assert pairwise_f1(yt, yp) == pytest.approx(_pair_f1(yt, yp), abs=1e-12)
 
 
-@pytest.mark.parametrize("backend", ["jax", "faiss"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_clustering_metrics_separable_and_seeded(backend):
     rng = np.random.default_rng(2)
     centers = rng.standard_normal((6, 8)) * 20

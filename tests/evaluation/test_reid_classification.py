@@ -7,6 +7,7 @@ import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from dml_jax.evaluation import classification_metrics, knn_classify, reid_metrics
+from tests.evaluation.backends import BACKENDS
 
 
 def _col(v):
@@ -110,7 +111,7 @@ def test_multiclass_accuracy_and_errors():
         classification_metrics(np.full((3, 3), np.nan), [0, 1, 2])
 
 
-@pytest.mark.parametrize("backend", ["jax", "faiss"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_knn_classify_votes_and_ties(backend):
     train = _col([0, 1, 2, 10, 11])
     y = np.array([0, 0, 1, 1, 1])

@@ -8,8 +8,7 @@ import pytest
 from dml_jax.evaluation import knn, retrieval_metrics
 from dml_jax.evaluation.knn import search_rows
 from tests.evaluation._reference import brute_knn, brute_retrieval
-
-BACKENDS = ["jax", "faiss"]
+from tests.evaluation.backends import AVAILABLE, BACKENDS, NEEDS_FAISS
 
 
 def _col(values):
@@ -89,7 +88,7 @@ def test_certification_fallback_gives_exact_order():
     # extra=0 leaves no slack: ties beyond the k-th candidate force the exact fallback.
     x = np.repeat(np.eye(3, dtype=np.float32), 10, axis=0)
     q_self = np.arange(30, dtype=np.int32)
-    for backend in BACKENDS:
+    for backend in AVAILABLE:
         _, idx = search_rows(x, q_self, x, 12, backend=backend, extra=0)
         np.testing.assert_array_equal(idx, brute_knn(x, x, 12, True))
 
@@ -143,6 +142,7 @@ def test_retrieval_matches_bruteforce(backend):
     assert 0.2 < got["map@r"] < 0.95
 
 
+@NEEDS_FAISS
 def test_backends_identical_on_normalised_data():
     rng = np.random.default_rng(5)
     x = rng.standard_normal((1500, 32)).astype(np.float32)
