@@ -123,10 +123,23 @@ def _semi_hard_terms(d, batch, d_ap, filled, pos_cols, neg_cols, margin):
 def _semi_hard_slotted(d, batch, start, margin, slots):
     d_ap, filled, cols = _pack_positives(d, batch, start, slots)
     harder = batch.neg[:, None, :] & (d[:, None, :] > d_ap[:, :, None])  # [b, S, B]
-    closest = jnp.argmin(jnp.where(harder, d[:, None, :], jnp.inf), axis=2)  # [b, S]
-    farthest = jnp.argmax(jnp.where(batch.neg, d, -jnp.inf), axis=1)[:, None]  # [b, 1]
-    neg_cols = jnp.where(jnp.any(harder, axis=2), closest, farthest)
-    return _semi_hard_terms(d, batch, d_ap, filled, cols, neg_cols, margin)
+    closest = jnp.min(jnp.where(harder, d[:, None, :], jnp.inf), axis=2)  # [b, S]
+    found = jnp.isfinite(closest)
+    farthest = jnp.max(jnp.where(batch.neg, d, -jnp.inf), axis=1)  # [b]
+    d_an = jnp.where(found, closest, farthest[:, None])
+    has_neg = jnp.any(batch.neg, axis=1, keepdims=True)
+    active = filled & has_neg & (d_ap - d_an + margin > 0)  # [b, S]
+    # Mark the chosen negative's column by value (plain min/max reductions are much faster on
+    # CPU than argmin); exactly tied negatives share the coefficient, the value is unchanged.
+    hit_close = harder & (d[:, None, :] == closest[:, :, None])  # [b, S, B]
+    hit_far = batch.neg & (d == farthest[:, None])  # [b, B]
+    w_close = jnp.where(active & found, 1.0, 0.0) / jnp.maximum(jnp.sum(hit_close, axis=2), 1)
+    w_far = jnp.sum(jnp.where(active & ~found, 1.0, 0.0), axis=1) / jnp.maximum(
+        jnp.sum(hit_far, axis=1), 1
+    )
+    neg_coef = jnp.sum(w_close[:, :, None] * hit_close, axis=1) + w_far[:, None] * hit_far
+    active = active.astype(jnp.float32)
+    return _scatter_rows(active, cols, d.shape[1]) - neg_coef, jnp.sum(active)
 
 
 def _semi_hard_sorted(d, batch, start, margin):
