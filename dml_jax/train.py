@@ -18,7 +18,6 @@ continues exactly where it stopped.
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
 import signal
@@ -38,8 +37,6 @@ from jax.sharding import PartitionSpec as P
 from dml_jax import checkpoint, evaluation, objectives
 from dml_jax.data import PKSampler, Split, load_digits
 from dml_jax.models import build_model
-
-log = logging.getLogger(__name__)
 
 # Keys a resumed run may change (everything else must match the checkpoints' config).
 RESUMABLE_KEYS = ("num_steps", "eval_every", "log_every", "checkpoint_every", "progress_bar",
@@ -340,7 +337,8 @@ def train_and_evaluate(
     start = ckpt.latest_step()
     if start is not None:
         state = ckpt.restore(start, state)
-        log.info("Resumed from step %d", start)
+        if is_main:
+            print(f"Resumed from the checkpoint of step {start} in {ckpt.directory}.")
     step = int(state["step"])
 
     train_step = jax.jit(

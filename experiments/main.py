@@ -5,11 +5,10 @@ with ``--config.key=value`` (e.g. ``--config.num_steps=100``). For several hosts
 ``--coordinator_address``, ``--num_processes`` and ``--process_id`` (jax.distributed).
 """
 
-import logging
 import sys
 from pathlib import Path
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -25,6 +24,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
     del argv
+    if not FLAGS["verbosity"].present:  # libraries' INFO logs only on request (-v 0)
+        logging.set_verbosity(logging.WARNING)
     import jax
 
     if FLAGS.coordinator_address:
@@ -32,7 +33,6 @@ def main(argv):
                                    FLAGS.process_id)
     from dml_jax import train
 
-    logging.getLogger("absl").setLevel(logging.WARNING)
     result = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     if jax.process_index() == 0 and not result["preempted"]:
         print()
