@@ -38,6 +38,7 @@ from dml_jax.models.googlenet import (
     load_conv_torch,
     max_pool2d_torch,
 )
+from dml_jax.models.layers import ConvBNReLU
 
 __all__ = [
     "BGR_MEAN",
@@ -81,7 +82,7 @@ def rgb_to_bninception_input(images: jax.Array) -> jax.Array:
     return x - jnp.asarray(BGR_MEAN, jnp.float32)
 
 
-class ConvBN(nnx.Module):
+class ConvBN(ConvBNReLU):
     """Conv (with bias) -> BatchNorm(eps=1e-5) -> ReLU, one unit of Cadene's BN-Inception.
 
     A unit named ``n`` holds torch's ``n.{weight,bias}`` in ``conv`` and
@@ -99,27 +100,18 @@ class ConvBN(nnx.Module):
         bn_momentum: float = 0.1,
         rngs: nnx.Rngs,
     ):
-        self.conv = nnx.Conv(
+        super().__init__(
             in_features,
             out_features,
-            (kernel_size, kernel_size),
-            strides=(stride, stride),
-            padding=((padding, padding), (padding, padding)),
+            kernel_size,
+            stride=stride,
+            padding=padding,
             use_bias=True,
+            epsilon=1e-5,
+            bn_momentum=bn_momentum,
             kernel_init=nnx.initializers.zeros,  # BNInception.__init__ draws the kernels
             rngs=rngs,
         )
-        self.bn = nnx.BatchNorm(
-            out_features,
-            momentum=bn_momentum,
-            epsilon=1e-5,
-            use_fast_variance=False,
-            rngs=rngs,
-        )
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """``[B, H, W, in] -> [B, H', W', out]``."""
-        return nnx.relu(self.bn(self.conv(x)))
 
 
 class BNInception(nnx.Module):

@@ -24,6 +24,7 @@ import numpy as np
 from flax import nnx
 
 from dml_jax.models._torch_state import StateDictReader, load_state_dict
+from dml_jax.models.layers import ConvBNReLU
 
 __all__ = [
     "BasicConv2d",
@@ -207,11 +208,11 @@ def init_conv_kernels(module: nnx.Module, key: jax.Array, distribution: str) -> 
         conv.kernel.set_value(jnp.asarray(w, conv.kernel.dtype))
 
 
-class BasicConv2d(nnx.Module):
+class BasicConv2d(ConvBNReLU):
     """Conv (no bias) -> BatchNorm(eps=1e-3) -> ReLU: torchvision's ``BasicConv2d``.
 
     Attributes ``conv`` and ``bn`` hold what torch stores under ``<prefix>.conv.*`` and
-    ``<prefix>.bn.*``.
+    ``<prefix>.bn.*``. Kernels start at zero: :class:`GoogLeNet` draws them all at once.
     """
 
     def __init__(
@@ -225,27 +226,18 @@ class BasicConv2d(nnx.Module):
         bn_momentum: float = 0.9,
         rngs: nnx.Rngs,
     ):
-        self.conv = nnx.Conv(
+        super().__init__(
             in_features,
             out_features,
-            (kernel_size, kernel_size),
-            strides=(stride, stride),
-            padding=((padding, padding), (padding, padding)),
+            kernel_size,
+            stride=stride,
+            padding=padding,
             use_bias=False,
-            kernel_init=nnx.initializers.zeros,  # GoogLeNet.__init__ draws the kernels
-            rngs=rngs,
-        )
-        self.bn = nnx.BatchNorm(
-            out_features,
-            momentum=bn_momentum,
             epsilon=1e-3,
-            use_fast_variance=False,
+            bn_momentum=bn_momentum,
+            kernel_init=nnx.initializers.zeros,
             rngs=rngs,
         )
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """``[B, H, W, in] -> [B, H', W', out]``."""
-        return nnx.relu(self.bn(self.conv(x)))
 
 
 class Inception(nnx.Module):

@@ -96,6 +96,48 @@ def conv(
     )
 
 
+class ConvBNReLU(nnx.Module):
+    """Conv -> :class:`BatchNorm` -> ReLU, the unit of the Inception backbones.
+
+    Attributes ``conv`` and ``bn`` hold what torch stores as the unit's convolution and
+    BatchNorm (the running variance updated like torch's, see :class:`BatchNorm`).
+
+    Shapes: ``[B, H, W, in_features]`` -> ``[B, H', W', out_features]``.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        kernel_size: int,
+        *,
+        stride: int = 1,
+        padding: int = 0,
+        use_bias: bool = False,
+        epsilon: float = TORCH_BN_EPSILON,
+        bn_momentum: float = TORCH_BN_MOMENTUM,
+        kernel_init: nnx.Initializer | None = None,
+        rngs: nnx.Rngs,
+    ):
+        if kernel_init is None:  # torch's Kaiming normal (fan-out) for ReLU networks
+            kernel_init = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
+        self.conv = nnx.Conv(
+            in_features,
+            out_features,
+            (kernel_size, kernel_size),
+            strides=(stride, stride),
+            padding=((padding, padding), (padding, padding)),
+            use_bias=use_bias,
+            kernel_init=kernel_init,
+            rngs=rngs,
+        )
+        self.bn = BatchNorm(out_features, momentum=bn_momentum, epsilon=epsilon, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """``[B, H, W, in] -> [B, H', W', out]``."""
+        return nnx.relu(self.bn(self.conv(x)))
+
+
 def max_pool(x: jax.Array, window: int, stride: int, padding: int = 0) -> jax.Array:
     """Max pooling like ``torch.nn.MaxPool2d(window, stride, padding)`` (pads with -inf).
 

@@ -188,20 +188,16 @@ def test_train_mode_updates_running_stats_like_torch():
     # (measured ~8e-5 here; 6e-4 with a batch of 2), hence the looser bound at the end.
     assert _rel_err(np.asarray(feats["pooled"]), want) < 5e-4
     new = _np_state(ref)
-    m = 0.9  # Cadene's torch momentum: new = (1 - m) old + m batch
-    # (torch name, number of values each statistic is computed over)
-    layers = [("conv1_7x7_s2", 4 * 32 * 32), ("inception_3c_3x3", 4 * 4 * 4)]
-    layers.append(("inception_5b_pool_proj", 4 * 2 * 2))
-    for name, n in layers:
+    for name in ("conv1_7x7_s2", "inception_3c_3x3", "inception_5b_pool_proj"):
         bn = getattr(model, name).bn
         np.testing.assert_allclose(
             np.asarray(bn.mean[...]), new[f"{name}_bn.running_mean"], rtol=1e-4, atol=1e-4
         )
-        # torch's running_var takes the unbiased batch variance, flax's the biased one.
-        old_var = old[f"{name}_bn.running_var"]
-        batch_var = (new[f"{name}_bn.running_var"] - (1 - m) * old_var) / m
-        expect = (1 - m) * old_var + m * batch_var * (n - 1) / n
-        np.testing.assert_allclose(np.asarray(bn.var[...]), expect, rtol=1e-4, atol=1e-4)
+        # The running variance takes the unbiased batch variance, as torch's does.
+        assert not np.allclose(new[f"{name}_bn.running_var"], old[f"{name}_bn.running_var"])
+        np.testing.assert_allclose(
+            np.asarray(bn.var[...]), new[f"{name}_bn.running_var"], rtol=1e-4, atol=1e-4
+        )
 
 
 def test_parameter_count():
