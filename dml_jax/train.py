@@ -292,10 +292,11 @@ class _Preemption:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-def evaluate(embed, state, mesh, test: Split, config) -> dict[str, float]:
-    """Retrieval metrics of the held-out split against itself (self excluded)."""
+def evaluate(embed, state, mesh, test: Split, config) -> tuple[dict[str, float], np.ndarray]:
+    """Retrieval metrics of the held-out split against itself (self excluded), and the
+    held-out embeddings ``[N, E]`` they were computed from."""
     emb = embed_dataset(embed, state, mesh, test.images, config.eval_batch_size)
-    return evaluation.retrieval_metrics(emb, test.labels, ks=tuple(config.eval_ks))
+    return evaluation.retrieval_metrics(emb, test.labels, ks=tuple(config.eval_ks)), emb
 
 
 def train_and_evaluate(
@@ -364,6 +365,7 @@ def train_and_evaluate(
     tick, tick_step = time.perf_counter(), step
     preempted = False
     final: dict[str, float] = {}
+    final_emb = None
     try:
         with _Preemption() as preemption:
             while step < config.num_steps:
@@ -392,7 +394,7 @@ def train_and_evaluate(
                     metrics_log.write(step, values, "train")
                     bar.set_postfix(loss=f"{values['loss']:.4f}", img_s=f"{rate:.0f}")
                 if step % config.eval_every == 0 or step == config.num_steps:
-                    final = evaluate(embed, state, mesh, test, config)
+                    final, final_emb = evaluate(embed, state, mesh, test, config)
                     metrics_log.write(step, final, "eval")
                     bar.write(f"step {step}: " + ", ".join(
                         f"{k}={v:.4f}" for k, v in final.items() if k != "num_queries"))
@@ -400,7 +402,8 @@ def train_and_evaluate(
                     ckpt.save(step, state)
                     last_good = step
                 if preemption.requested or step == stop_at_step:
-                    ckpt.save(step, state, force=True)
+                    if last_good != step:
+                        ckpt.save(step, state, force=True)
                     ckpt.wait()
                     last_good = step
                     preempted = True
@@ -412,14 +415,13 @@ def train_and_evaluate(
         ckpt.close()
         metrics_log.close()
 
-    if not preempted and not final:
-        final = evaluate(embed, state, mesh, test, config)
+    if not preempted and not final:  # the run was already complete: evaluate it again
+        final, final_emb = evaluate(embed, state, mesh, test, config)
     if is_main and not preempted and config.plots:
         from dml_jax import plots
 
-        emb = embed_dataset(embed, state, mesh, test.images, config.eval_batch_size)
         plots.training_curves(read_metrics(workdir), os.path.join(workdir, "training_curves.png"))
-        plots.embedding_map(emb, test.labels, os.path.join(workdir, "embeddings_2d.png"),
+        plots.embedding_map(final_emb, test.labels, os.path.join(workdir, "embeddings_2d.png"),
                             seed=config.seed)
     return {"step": step, "baseline": baseline, "final": final, "preempted": preempted}
 

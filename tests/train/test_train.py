@@ -82,7 +82,8 @@ def test_short_run_lowers_the_loss_and_writes_metrics_and_plots(tmp_path):
 
 def test_resume_is_bit_exact(tmp_path):
     whole, halves = str(tmp_path / "whole"), str(tmp_path / "halves")
-    config = tiny_config(num_steps=8, eval_every=8)
+    # checkpoint_every=4: the interruption at step 4 falls on a regular checkpoint step.
+    config = tiny_config(num_steps=8, eval_every=8, checkpoint_every=4)
     train.train_and_evaluate(config, whole)
     stopped = train.train_and_evaluate(config, halves, stop_at_step=4)
     assert stopped["preempted"] and stopped["step"] == 4
