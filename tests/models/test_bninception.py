@@ -25,6 +25,7 @@ from dml_jax.models.bninception import (  # noqa: E402
     bninception_from_torch,
     rgb_to_bninception_input,
 )
+from tests.models.torch_helpers import features, np_state, randomise, rel_err  # noqa: E402
 
 tnn = torch.nn
 F = torch.nn.functional
@@ -100,38 +101,16 @@ class TorchBNInception(tnn.Module):
         return x
 
 
-def _randomise(model: tnn.Module, seed: int) -> tnn.Module:
-    """Random weights everywhere, including conv biases and BN statistics."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, tnn.Conv2d):
-                fan_in = m.weight[0].numel()
-                m.weight.copy_(torch.randn(m.weight.shape, generator=g) * (2.0 / fan_in) ** 0.5)
-                m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=g))
-            elif isinstance(m, tnn.BatchNorm2d):
-                n = m.num_features
-                m.weight.copy_(1.0 + 0.2 * torch.randn(n, generator=g))
-                m.bias.copy_(0.2 * torch.randn(n, generator=g))
-                m.running_mean.copy_(0.2 * torch.randn(n, generator=g))
-                m.running_var.copy_(0.5 + torch.rand(n, generator=g))
-    return model
 
 
-def _np_state(model: tnn.Module) -> dict[str, np.ndarray]:
-    return {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
 
 
 @pytest.fixture(scope="module")
 def reference() -> TorchBNInception:
     torch.manual_seed(0)
-    return _randomise(TorchBNInception(), seed=1).eval()
+    return randomise(TorchBNInception(), seed=1).eval()
 
 
-@nnx.jit
-def _features(model: BNInception, x: jax.Array) -> dict[str, jax.Array]:
-    # Eager NNX runs op by op (each op compiled per shape): jit the whole forward instead.
-    return model.features(x)
 
 
 def _images(shape: tuple[int, ...], seed: int) -> np.ndarray:
@@ -139,8 +118,6 @@ def _images(shape: tuple[int, ...], seed: int) -> np.ndarray:
     return 50.0 * np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
 
 
-def _rel_err(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.max(np.abs(a - b)) / (np.max(np.abs(b)) + 1e-12))
 
 
 @pytest.mark.slow
@@ -151,15 +128,15 @@ def test_eval_features_match_torch(reference):
     with torch.no_grad():
         fmap = reference(torch.from_numpy(x), taps)
     want = fmap.mean(dim=(2, 3)).numpy()
-    model = bninception_from_torch(_np_state(reference))
-    feats = _features(model, jnp.asarray(x.transpose(0, 2, 3, 1)))
+    model = bninception_from_torch(np_state(reference))
+    feats = features(model, jnp.asarray(x.transpose(0, 2, 3, 1)))
     got = np.asarray(feats["pooled"])
     assert got.shape == (2, 1024) and model.num_features == 1024
-    assert _rel_err(got, want) < 1e-4, _rel_err(got, want)
+    assert rel_err(got, want) < 1e-4, rel_err(got, want)
     for name in ("inception_3c", "inception_4e", "inception_5b"):
         mid = np.asarray(feats[name]).transpose(0, 3, 1, 2)
         assert mid.shape == taps[name].shape, name
-        assert _rel_err(mid, taps[name]) < 1e-4, (name, _rel_err(mid, taps[name]))
+        assert rel_err(mid, taps[name]) < 1e-4, (name, rel_err(mid, taps[name]))
 
 
 def test_global_pool_equals_cadene_at_7x7(reference):
@@ -172,22 +149,22 @@ def test_global_pool_equals_cadene_at_7x7(reference):
 
 @pytest.mark.slow
 def test_train_mode_updates_running_stats_like_torch():
-    ref = _randomise(TorchBNInception(), seed=7)
-    model = bninception_from_torch(_np_state(ref))
+    ref = randomise(TorchBNInception(), seed=7)
+    model = bninception_from_torch(np_state(ref))
     x = _images((4, 3, 64, 64), seed=4)
     ref.train()
     model.train()
-    old = _np_state(ref)
+    old = np_state(ref)
     taps: dict[str, np.ndarray] = {}
     with torch.no_grad():
         want = ref(torch.from_numpy(x), taps).mean(dim=(2, 3)).numpy()
-    feats = _features(model, jnp.asarray(x.transpose(0, 2, 3, 1)))
+    feats = features(model, jnp.asarray(x.transpose(0, 2, 3, 1)))
     mid = np.asarray(feats["inception_4e"]).transpose(0, 3, 1, 2)
-    assert _rel_err(mid, taps["inception_4e"]) < 1e-4
+    assert rel_err(mid, taps["inception_4e"]) < 1e-4
     # Batch statistics over only 4 x 2 x 2 values in stage 5 amplify float32 rounding
     # (measured ~8e-5 here; 6e-4 with a batch of 2), hence the looser bound at the end.
-    assert _rel_err(np.asarray(feats["pooled"]), want) < 5e-4
-    new = _np_state(ref)
+    assert rel_err(np.asarray(feats["pooled"]), want) < 5e-4
+    new = np_state(ref)
     for name in ("conv1_7x7_s2", "inception_3c_3x3", "inception_5b_pool_proj"):
         bn = getattr(model, name).bn
         np.testing.assert_allclose(
@@ -236,21 +213,21 @@ def test_odd_map_size_is_rejected_with_a_clear_error():
 
 
 def test_missing_key_is_named(reference):
-    state = _np_state(reference)
+    state = np_state(reference)
     del state["inception_4e_double_3x3_1_bn.running_mean"]
     with pytest.raises(KeyError, match=re.escape("inception_4e_double_3x3_1_bn.running_mean")):
         bninception_from_torch(state)
 
 
 def test_unexpected_key_is_named(reference):
-    state = _np_state(reference)
+    state = np_state(reference)
     state["inception_3c_1x1.weight"] = np.zeros((64, 320, 1, 1), np.float32)
     with pytest.raises(ValueError, match=re.escape("inception_3c_1x1.weight")):
         bninception_from_torch(state)
 
 
 def test_misshaped_key_is_named(reference):
-    state = _np_state(reference)
+    state = np_state(reference)
     state["inception_5b_pool_proj.bias"] = np.zeros((64,), np.float32)
     with pytest.raises(ValueError, match=re.escape("inception_5b_pool_proj.bias")):
         bninception_from_torch(state)

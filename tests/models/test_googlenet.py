@@ -21,6 +21,7 @@ from dml_jax.models.googlenet import (  # noqa: E402
     googlenet_from_torch,
     max_pool2d_torch,
 )
+from tests.models.torch_helpers import features, np_state, randomise, rel_err  # noqa: E402
 
 tnn = torch.nn
 F = torch.nn.functional
@@ -107,37 +108,16 @@ class TorchGoogLeNet(tnn.Module):
         return torch.flatten(self.avgpool(x), 1)
 
 
-def _randomise(model: tnn.Module, seed: int) -> tnn.Module:
-    """Random weights everywhere, including BN affine parameters and running statistics."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, tnn.Conv2d):
-                fan_in = m.weight[0].numel()
-                m.weight.copy_(torch.randn(m.weight.shape, generator=g) * (2.0 / fan_in) ** 0.5)
-            elif isinstance(m, tnn.BatchNorm2d):
-                n = m.num_features
-                m.weight.copy_(1.0 + 0.2 * torch.randn(n, generator=g))
-                m.bias.copy_(0.2 * torch.randn(n, generator=g))
-                m.running_mean.copy_(0.2 * torch.randn(n, generator=g))
-                m.running_var.copy_(0.5 + torch.rand(n, generator=g))
-    return model
 
 
-def _np_state(model: tnn.Module) -> dict[str, np.ndarray]:
-    return {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
 
 
 @pytest.fixture(scope="module")
 def reference() -> TorchGoogLeNet:
     torch.manual_seed(0)
-    return _randomise(TorchGoogLeNet(), seed=1).eval()
+    return randomise(TorchGoogLeNet(), seed=1).eval()
 
 
-@nnx.jit
-def _features(model: GoogLeNet, x: jax.Array) -> dict[str, jax.Array]:
-    # Eager NNX runs op by op (each op compiled per shape): jit the whole forward instead.
-    return model.features(x)
 
 
 def _images(shape: tuple[int, int, int, int], seed: int) -> np.ndarray:
@@ -145,8 +125,6 @@ def _images(shape: tuple[int, int, int, int], seed: int) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
 
 
-def _rel_err(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.max(np.abs(a - b)) / (np.max(np.abs(b)) + 1e-12))
 
 
 # --------------------------------------------------------------------------------------------
@@ -195,29 +173,29 @@ def test_eval_features_match_torch(reference):
     finally:
         hook.remove()
         reference.transform_input = False
-    model = googlenet_from_torch(_np_state(reference), transform_input=transform_input)
-    feats = _features(model, jnp.asarray(x.transpose(0, 2, 3, 1)))
+    model = googlenet_from_torch(np_state(reference), transform_input=transform_input)
+    feats = features(model, jnp.asarray(x.transpose(0, 2, 3, 1)))
     got = np.asarray(feats["pooled"])
     assert got.shape == (2, 1024) and model.num_features == 1024
-    assert _rel_err(got, want) < 1e-4, _rel_err(got, want)
+    assert rel_err(got, want) < 1e-4, rel_err(got, want)
     mid = np.asarray(feats["inception4e"]).transpose(0, 3, 1, 2)
     assert mid.shape == captured["inception4e"].shape
-    assert _rel_err(mid, captured["inception4e"]) < 1e-4
+    assert rel_err(mid, captured["inception4e"]) < 1e-4
 
 
 @pytest.mark.slow
 def test_train_mode_updates_running_stats_like_torch(reference):
-    ref = _randomise(TorchGoogLeNet(aux_logits=False), seed=7)
-    model = googlenet_from_torch(_np_state(ref))
+    ref = randomise(TorchGoogLeNet(aux_logits=False), seed=7)
+    model = googlenet_from_torch(np_state(ref))
     x = _images((4, 3, 64, 64), seed=4)
     ref.train()
     model.train()
-    old = _np_state(ref)
+    old = np_state(ref)
     with torch.no_grad():
         want = ref(torch.from_numpy(x)).numpy()
-    got = np.asarray(_features(model, jnp.asarray(x.transpose(0, 2, 3, 1)))["pooled"])
-    assert _rel_err(got, want) < 1e-4
-    new = _np_state(ref)
+    got = np.asarray(features(model, jnp.asarray(x.transpose(0, 2, 3, 1)))["pooled"])
+    assert rel_err(got, want) < 1e-4
+    new = np_state(ref)
     layers = [  # (torch prefix, nnx BatchNorm)
         ("conv1.bn", model.conv1.bn),
         ("inception3a.branch2.1.bn", model.inception3a.branch2[1].bn),
@@ -272,21 +250,21 @@ def test_random_init_model_runs():
 
 
 def test_missing_key_is_named(reference):
-    state = _np_state(reference)
+    state = np_state(reference)
     del state["inception4c.branch2.1.bn.running_var"]
     with pytest.raises(KeyError, match=r"inception4c\.branch2\.1\.bn\.running_var"):
         googlenet_from_torch(state)
 
 
 def test_unexpected_key_is_named(reference):
-    state = _np_state(reference)
+    state = np_state(reference)
     state["inception4c.branch5.conv.weight"] = np.zeros((8, 512, 1, 1), np.float32)
     with pytest.raises(ValueError, match=r"inception4c\.branch5\.conv\.weight"):
         googlenet_from_torch(state)
 
 
 def test_misshaped_key_is_named(reference):
-    state = _np_state(reference)
+    state = np_state(reference)
     # A true 5x5 kernel in the "5x5" branch (the original paper's shape) is rejected.
     state["inception3a.branch3.1.conv.weight"] = np.zeros((32, 16, 5, 5), np.float32)
     with pytest.raises(ValueError, match=r"inception3a\.branch3\.1\.conv\.weight"):
