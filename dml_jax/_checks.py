@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 
 def check_embeddings_labels(
@@ -50,12 +49,6 @@ def check_embeddings_labels(
             )
         mask = mask.astype(jnp.bool_)
     return embeddings.astype(jnp.float32), labels.astype(jnp.int32), mask
-
-
-def check_positive(value: float, name: str) -> None:
-    """Raises ``ValueError`` if a static hyper-parameter is not strictly positive."""
-    if isinstance(value, (int, float, np.floating, np.integer)) and not value > 0:
-        raise ValueError(f"`{name}` must be > 0; got {value}.")
 
 
 def check_choice(value: str, name: str, choices: tuple[str, ...]) -> None:

@@ -71,16 +71,15 @@ def _zero_centers(num_classes: int, dim: int, kwargs: Mapping[str, Any]) -> Loss
     return {"centers": jnp.zeros((num_classes, dim), jnp.float32)}
 
 
-def _no_centers(num_classes: int, dim: int, kwargs: Mapping[str, Any]) -> LossState:
-    return {}
+def _moved_centers(centers, e, y, alpha: float) -> LossState:
+    """Wen et al.'s moving update of the centers from this batch (no gradient)."""
+    return {"centers": losses.update_centers(centers, jax.lax.stop_gradient(e), y, alpha=alpha)}
 
 
 def _center(e, y, logits, params, state, *, alpha: float = 0.5, **kwargs):
     """Wen et al.: center loss on the embeddings, centers moved by ``update_centers``."""
     centers = state["centers"]
-    loss = losses.center_loss(e, y, centers, **kwargs)
-    new_centers = losses.update_centers(centers, jax.lax.stop_gradient(e), y, alpha=alpha)
-    return loss, {"centers": new_centers}
+    return losses.center_loss(e, y, centers, **kwargs), _moved_centers(centers, e, y, alpha)
 
 
 def _center_structured(e, y, logits, params, state, *, learn_centers: bool = True,
@@ -91,8 +90,7 @@ def _center_structured(e, y, logits, params, state, *, learn_centers: bool = Tru
         return loss, state
     centers = state["centers"]
     loss = losses.center_structured_loss(e, y, logits, centers, learn_centers=False, **kwargs)
-    new_centers = losses.update_centers(centers, jax.lax.stop_gradient(e), y, alpha=alpha)
-    return loss, {"centers": new_centers}
+    return loss, _moved_centers(centers, e, y, alpha)
 
 
 def _centers_if(learned: bool):

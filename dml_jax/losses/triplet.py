@@ -99,7 +99,7 @@ def _all_slotted(d, batch, start, margin, slots):
     return coef, jnp.sum(per_positive)
 
 
-def _all_sorted(d, batch, start, margin):
+def _all_sorted(d, batch, margin):
     width = d.shape[1]
     sorted_neg = jnp.sort(jnp.where(batch.neg, d, jnp.inf), axis=1)
     threshold = d + margin
@@ -142,7 +142,7 @@ def _semi_hard_slotted(d, batch, start, margin, slots):
     return _scatter_rows(active, cols, d.shape[1]) - neg_coef, jnp.sum(active)
 
 
-def _semi_hard_sorted(d, batch, start, margin):
+def _semi_hard_sorted(d, batch, margin):
     width = d.shape[1]
     order = jnp.argsort(jnp.where(batch.neg, d, jnp.inf), axis=1)  # [b, B]
     sorted_neg = jnp.take_along_axis(jnp.where(batch.neg, d, jnp.inf), order, axis=1)
@@ -154,27 +154,26 @@ def _semi_hard_sorted(d, batch, start, margin):
     return _semi_hard_terms(d, batch, d, batch.pos, cols, neg_cols, margin)
 
 
-def _mine(d, batch, slotted, fallback):
-    """``(C [b, B], n_active)`` from the smallest slot count that holds every row's positive
-    columns (from its first to its last), else ``fallback``.
+def _mined_total(d, batch, margin, slotted, fallback):
+    """``sum over active terms of (d_ap - d_an + margin) = sum(C * d) + margin * n_active``.
 
-    Runs on constants: no gradient passes through the mining.
+    ``C`` and ``n_active`` come from ``slotted(d, batch, start, margin, slots)`` with the
+    smallest slot count that holds every row's positive columns (from its first to its last),
+    else from ``fallback(d, batch, margin)``. The mining runs on constants: the gradient is
+    ``C``, through the one ``[b, B]`` product.
     """
-    d = jax.lax.stop_gradient(d)
+    const = jax.lax.stop_gradient(d)
     start, span = _positive_span(batch.pos)
     index = jnp.searchsorted(jnp.asarray(SLOT_SIZES), span)  # len(SLOT_SIZES) -> fallback
-    branches = [functools.partial(slotted, slots=s) for s in SLOT_SIZES] + [fallback]
-    return jax.lax.switch(index, branches, d, batch, start)
+    branches = [
+        functools.partial(slotted, margin=margin, slots=s) for s in SLOT_SIZES
+    ] + [lambda d, b, start: fallback(d, b, margin)]
+    coef, active = jax.lax.switch(index, branches, const, batch, start)
+    return jnp.sum(coef * d) + margin * active
 
 
 def _all_triplets(d, batch, margin):
-    coef, active = _mine(
-        d,
-        batch,
-        lambda d, b, st, slots: _all_slotted(d, b, st, margin, slots),
-        lambda d, b, st: _all_sorted(d, b, st, margin),
-    )
-    total = jnp.sum(coef * d) + margin * active
+    total = _mined_total(d, batch, margin, _all_slotted, _all_sorted)
     num_triplets = jnp.sum(
         jnp.sum(batch.pos, axis=1).astype(jnp.float32) * jnp.sum(batch.neg, axis=1)
     )
@@ -182,13 +181,7 @@ def _all_triplets(d, batch, margin):
 
 
 def _semi_hard(d, batch, margin):
-    coef, active = _mine(
-        d,
-        batch,
-        lambda d, b, st, slots: _semi_hard_slotted(d, b, st, margin, slots),
-        lambda d, b, st: _semi_hard_sorted(d, b, st, margin),
-    )
-    total = jnp.sum(coef * d) + margin * active
+    total = _mined_total(d, batch, margin, _semi_hard_slotted, _semi_hard_sorted)
     count = jnp.sum(batch.pos & jnp.any(batch.neg, axis=1, keepdims=True))
     return total, count
 

@@ -74,15 +74,19 @@ def conv(
     padding: int | None = None,
     use_bias: bool = False,
     groups: int = 1,
+    kernel_init: nnx.Initializer | None = None,
     rngs: nnx.Rngs,
 ) -> nnx.Conv:
     """A 2-D convolution with torch-style symmetric integer padding (default ``k // 2``).
 
     Shapes: ``[B, H, W, in_features]`` -> ``[B, H', W', out_features]``; kernel
     ``[k, k, in_features // groups, out_features]`` (torch's ``[O, I, k, k]`` transposed).
-    Initialised like torch (Kaiming normal, fan-out) for ReLU networks.
+    Initialised like torch (Kaiming normal, fan-out) for ReLU networks unless ``kernel_init``
+    is given.
     """
     pad = kernel_size // 2 if padding is None else padding
+    if kernel_init is None:
+        kernel_init = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
     return nnx.Conv(
         in_features,
         out_features,
@@ -91,7 +95,7 @@ def conv(
         padding=((pad, pad), (pad, pad)),
         use_bias=use_bias,
         feature_group_count=groups,
-        kernel_init=nnx.initializers.variance_scaling(2.0, "fan_out", "normal"),
+        kernel_init=kernel_init,
         rngs=rngs,
     )
 
@@ -119,14 +123,12 @@ class ConvBNReLU(nnx.Module):
         kernel_init: nnx.Initializer | None = None,
         rngs: nnx.Rngs,
     ):
-        if kernel_init is None:  # torch's Kaiming normal (fan-out) for ReLU networks
-            kernel_init = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
-        self.conv = nnx.Conv(
+        self.conv = conv(
             in_features,
             out_features,
-            (kernel_size, kernel_size),
-            strides=(stride, stride),
-            padding=((padding, padding), (padding, padding)),
+            kernel_size,
+            stride=stride,
+            padding=padding,
             use_bias=use_bias,
             kernel_init=kernel_init,
             rngs=rngs,
