@@ -21,7 +21,7 @@ class ConfigMismatchError(ValueError):
 
 
 def check_workdir_config(
-    workdir: str, config: Mapping[str, Any], *, may_change: Iterable[str] = ()
+    workdir: str, config: Mapping[str, Any], *, may_change: Iterable[str] = (), write: bool = True
 ) -> None:
     """Records ``config`` in ``workdir/config.json``, or checks it against the recorded one.
 
@@ -29,6 +29,8 @@ def check_workdir_config(
       workdir: the run's directory.
       config: the configuration as a JSON-able mapping.
       may_change: top-level keys allowed to differ on resume (e.g. ``num_steps``).
+      write: record ``config`` (one process of a multi-host run does; the file is replaced
+        atomically, so the others never read half of it).
 
     Raises:
       ConfigMismatchError: naming each differing key with its old and new value.
@@ -48,8 +50,11 @@ def check_workdir_config(
                 f"{workdir!r} holds checkpoints of a different configuration ({lines}). "
                 "Use another --workdir, or delete this one to start afresh."
             )
-    with open(path, "w") as f:
-        json.dump(current, f, indent=2, sort_keys=True)
+    if write:
+        tmp = f"{path}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(current, f, indent=2, sort_keys=True)
+        os.replace(tmp, path)
 
 
 class Checkpointer:

@@ -40,7 +40,7 @@ from dml_jax.models import build_model
 
 # Keys a resumed run may change (everything else must match the checkpoints' config).
 RESUMABLE_KEYS = ("num_steps", "eval_every", "log_every", "checkpoint_every", "progress_bar",
-                  "plots")
+                  "plots", "eval_raw_baseline")
 
 
 # --------------------------------------------------------------------------------------------
@@ -314,7 +314,8 @@ def train_and_evaluate(
     end ``training_curves.png`` and ``embeddings_2d.png``.
 
     Returns:
-      ``{"step", "baseline": metrics of the raw inputs, "final": metrics of the trained
+      ``{"step", "baseline": metrics of the raw inputs (when ``config.eval_raw_baseline``,
+      else None), "final": metrics of the trained
       embedding, "preempted": bool}``.
 
     Raises:
@@ -327,7 +328,8 @@ def train_and_evaluate(
     validate_config(config, train, mesh.size)
     is_main = jax.process_index() == 0
     os.makedirs(workdir, exist_ok=True)
-    checkpoint.check_workdir_config(workdir, config.to_dict(), may_change=RESUMABLE_KEYS)
+    checkpoint.check_workdir_config(workdir, config.to_dict(), may_change=RESUMABLE_KEYS,
+                                    write=is_main)
 
     tx = make_optimizer(config)
     graphdefs, state = create_state(config, train.num_classes, tx)
@@ -352,9 +354,11 @@ def train_and_evaluate(
     sampler = PKSampler(train.labels, config.classes_per_batch, config.samples_per_class,
                         seed=config.seed)
     metrics_log = MetricsLog(workdir, enabled=is_main)
-    baseline = evaluation.retrieval_metrics(
-        test.images.reshape(len(test.labels), -1), test.labels, ks=tuple(config.eval_ks)
-    )
+    baseline = None
+    if config.get("eval_raw_baseline", False):  # retrieval on the flattened inputs themselves
+        baseline = evaluation.retrieval_metrics(
+            test.images.reshape(len(test.labels), -1), test.labels, ks=tuple(config.eval_ks)
+        )
 
     from tqdm.auto import tqdm
 

@@ -36,7 +36,10 @@ def main(argv):
     result = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     if jax.process_index() == 0 and not result["preempted"]:
         print()
-        print(train.summary_table(result["baseline"], result["final"]))
+        if result["baseline"] is not None:
+            print(train.summary_table(result["baseline"], result["final"]))
+        else:
+            print(", ".join(f"{k}={v:.4f}" for k, v in result["final"].items()))
         print(f"\nworkdir: {FLAGS.workdir} (metrics.jsonl, training_curves.png, "
               "embeddings_2d.png, checkpoints/)")
 

@@ -45,6 +45,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.keep_checkpoints = 3
     c.eval_batch_size = 256
     c.eval_ks = (1, 2, 4, 8)
+    c.eval_raw_baseline = True  # also report retrieval on the raw pixels, for comparison
     c.progress_bar = True
     c.plots = True
     return c
