@@ -162,8 +162,8 @@ def test_train_mode_updates_running_stats_like_torch():
     mid = np.asarray(feats["inception_4e"]).transpose(0, 3, 1, 2)
     assert rel_err(mid, taps["inception_4e"]) < 1e-4
     # Batch statistics over only 4 x 2 x 2 values in stage 5 amplify float32 rounding
-    # (measured ~8e-5 here; 6e-4 with a batch of 2), hence the looser bound at the end.
-    assert rel_err(np.asarray(feats["pooled"]), want) < 5e-4
+    # (measured 7.7e-5 with this batch of 4), hence the looser bound at the end.
+    assert rel_err(np.asarray(feats["pooled"]), want) < 2e-4
     new = np_state(ref)
     for name in ("conv1_7x7_s2", "inception_3c_3x3", "inception_5b_pool_proj"):
         bn = getattr(model, name).bn
