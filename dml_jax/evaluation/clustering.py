@@ -16,8 +16,13 @@ pytorch-metric-learning's AccuracyCalculator and Roth et al. use; multi-threaded
 much faster there than a JAX or scikit-learn Lloyd loop at SOP size, 60k x 512 with ~11k
 clusters); ``"jax"`` -- Lloyd's algorithm jitted on the default device (the choice on an
 accelerator); ``"auto"`` -- faiss when installed and JAX runs on CPU, else JAX. Both start from
-``num_clusters`` distinct points drawn with ``seed`` and run ``num_iters`` iterations, so a
-result is reproducible for a fixed seed, backend and machine (faiss: also a fixed thread count).
+the same seeds -- greedy k-means++ (Arthur & Vassilvitskii 2007: each next seed drawn with
+probability proportional to its squared distance to the nearest seed so far, the best of
+``2 + ln K`` such draws kept, as in scikit-learn; computed in JAX, O(N log K) memory)
+or ``num_clusters`` distinct random points -- run ``num_iters`` Lloyd iterations, and repeat
+``num_init`` times from different seeds keeping the run of lowest inertia (sum of squared
+distances to the assigned centroid), as scikit-learn's ``KMeans`` does. A result is reproducible
+for a fixed seed, backend and machine (faiss: also a fixed thread count).
 """
 
 from __future__ import annotations
@@ -126,17 +131,72 @@ def pairwise_f1(labels_true: jax.typing.ArrayLike, labels_pred: jax.typing.Array
 # --------------------------------------------------------------------------------------------
 
 
+KMeansInit = Literal["k-means++", "random"]
+
+
+@functools.partial(jax.jit, static_argnames=("num_clusters",))
+def _kmeans_plus_plus(x: jax.Array, key: jax.Array, *, num_clusters: int) -> jax.Array:
+    """Greedy k-means++ seed indices ``[K]`` into ``x`` ``[N, D]``.
+
+    Each step draws ``2 + floor(ln K)`` candidates with probability proportional to their
+    squared distance to the nearest seed so far and keeps the one that lowers the total most
+    (the greedy variant scikit-learn uses). Holds ``[L, N]`` distances, ``L`` candidates.
+    """
+    n = x.shape[0]
+    trials = 2 + int(math.log(num_clusters))
+    x_sq = jnp.sum(x * x, axis=1)
+
+    def sq_dist_to(idx):  # [L] -> [L, N]
+        dots = jnp.matmul(x[idx], x.T, precision=jax.lax.Precision.HIGHEST)
+        return jnp.maximum(x_sq[idx][:, None] - 2.0 * dots + x_sq[None, :], 0.0)
+
+    key, first_key = jax.random.split(key)
+    first = jax.random.randint(first_key, (1,), 0, n)
+    chosen = jnp.zeros((num_clusters,), jnp.int32).at[0].set(first[0])
+    nearest = sq_dist_to(first)[0].at[first[0]].set(0.0)
+
+    def add_seed(j, carry):
+        chosen, nearest, key = carry
+        key, draw = jax.random.split(key)
+        taken = jnp.zeros((n,), bool).at[chosen].set(jnp.arange(num_clusters) < j)
+        # Points that coincide with a seed have weight 0; when every remaining point does,
+        # draw uniformly among those not chosen yet.
+        weight = jnp.where(jnp.sum(nearest) > 0, nearest, 1.0)
+        logits = jnp.where(taken | (weight <= 0), -jnp.inf, jnp.log(jnp.maximum(weight, 0.0)))
+        candidates = jax.random.categorical(draw, logits, shape=(trials,)).astype(jnp.int32)
+        updated = jnp.minimum(nearest[None, :], sq_dist_to(candidates))  # [L, N]
+        best = jnp.argmin(jnp.sum(updated, axis=1))
+        i = candidates[best]
+        return chosen.at[j].set(i), updated[best].at[i].set(0.0), key
+
+    chosen, _, _ = jax.lax.fori_loop(1, num_clusters, add_seed, (chosen, nearest, key))
+    return chosen
+
+
+def _initial_seeds(x: np.ndarray, k: int, key: jax.Array, init: KMeansInit) -> np.ndarray:
+    """``k`` distinct seed indices into ``x`` (sorted for the random init, in draw order for
+    k-means++)."""
+    if init == "random":
+        return np.sort(np.asarray(jax.random.permutation(key, x.shape[0]))[:k])
+    return np.asarray(_kmeans_plus_plus(jnp.asarray(x), key, num_clusters=k))
+
+
 @functools.partial(jax.jit, static_argnames=("num_clusters", "block"))
 def _lloyd_step(x_blocks, valid_blocks, centroids, *, num_clusters, block):
-    """One Lloyd iteration. ``x_blocks [nb, block, D]``; holds ``[block, K]`` per step."""
+    """One Lloyd iteration. ``x_blocks [nb, block, D]``; holds ``[block, K]`` per step.
+
+    Returns the new centroids, the assignment ``[nb, block]`` and the inertia of that
+    assignment to the *given* centroids.
+    """
     c_sq = jnp.sum(centroids * centroids, axis=1)
 
     def assign(args):
         xb, _ = args
         d = c_sq[None, :] - 2.0 * jnp.matmul(xb, centroids.T, precision=jax.lax.Precision.HIGHEST)
-        return jnp.argmin(d, axis=1).astype(jnp.int32)
+        a = jnp.argmin(d, axis=1).astype(jnp.int32)
+        return a, jnp.min(d, axis=1) + jnp.sum(xb * xb, axis=1)
 
-    a = jax.lax.map(assign, (x_blocks, valid_blocks))
+    a, sq = jax.lax.map(assign, (x_blocks, valid_blocks))
     flat_x = x_blocks.reshape(-1, x_blocks.shape[-1])
     flat_a = a.reshape(-1)
     w = valid_blocks.reshape(-1).astype(jnp.float32)
@@ -144,36 +204,40 @@ def _lloyd_step(x_blocks, valid_blocks, centroids, *, num_clusters, block):
     counts = jax.ops.segment_sum(w, flat_a, num_segments=num_clusters)
     # An empty cluster keeps its previous centroid.
     new = jnp.where(counts[:, None] > 0, sums / jnp.maximum(counts, 1.0)[:, None], centroids)
-    return new, a
+    inertia = jnp.sum(jnp.where(valid_blocks, jnp.maximum(sq, 0.0), 0.0))
+    return new, a, inertia
 
 
-def _kmeans_jax(x: np.ndarray, k: int, seed: int, num_iters: int, block: int = 4096):
+def _kmeans_jax(x: np.ndarray, seeds: np.ndarray, num_iters: int, block: int = 4096):
+    """Lloyd from ``x[seeds]``; returns ``(assignment [N], inertia)``."""
     n, dim = x.shape
+    k = seeds.size
     block = min(block, n)
     nb = math.ceil(n / block)
     xp = np.zeros((nb * block, dim), np.float32)
     xp[:n] = x
     valid = np.zeros((nb * block,), bool)
     valid[:n] = True
-    init = np.asarray(jax.random.permutation(jax.random.key(seed), n))[:k]
-    centroids = jnp.asarray(x[np.sort(init)])
+    centroids = jnp.asarray(x[seeds])
     xb = jnp.asarray(xp.reshape(nb, block, dim))
     vb = jnp.asarray(valid.reshape(nb, block))
     for _ in range(num_iters):
-        centroids, _ = _lloyd_step(xb, vb, centroids, num_clusters=k, block=block)
-    _, a = _lloyd_step(xb, vb, centroids, num_clusters=k, block=block)
-    return np.asarray(a).reshape(-1)[:n]
+        centroids, _, _ = _lloyd_step(xb, vb, centroids, num_clusters=k, block=block)
+    _, a, inertia = _lloyd_step(xb, vb, centroids, num_clusters=k, block=block)
+    return np.asarray(a).reshape(-1)[:n].astype(np.int64), float(inertia)
 
 
-def _kmeans_faiss(x: np.ndarray, k: int, seed: int, num_iters: int):
+def _kmeans_faiss(x: np.ndarray, seeds: np.ndarray, num_iters: int):
+    """faiss Lloyd from ``x[seeds]``; returns ``(assignment [N], inertia)``."""
     import faiss
 
-    km = faiss.Kmeans(x.shape[1], k, niter=num_iters, seed=seed, verbose=False)
+    k = seeds.size
+    km = faiss.Kmeans(x.shape[1], k, niter=num_iters, verbose=False)
     # faiss subsamples to 256 points per centroid by default; keep every point.
     km.cp.max_points_per_centroid = max(256, math.ceil(x.shape[0] / k) + 1)
-    km.train(x)
-    _, a = km.index.search(x, 1)
-    return a[:, 0].astype(np.int64)
+    km.train(x, init_centroids=np.ascontiguousarray(x[seeds]))
+    sq, a = km.index.search(x, 1)
+    return a[:, 0].astype(np.int64), float(np.sum(sq[:, 0], dtype=np.float64))
 
 
 def kmeans(
@@ -182,20 +246,25 @@ def kmeans(
     *,
     seed: int = 0,
     num_iters: int = 20,
+    num_init: int = 3,
+    init: KMeansInit = "k-means++",
     backend: KMeansBackend = "auto",
 ) -> np.ndarray:
-    """k-means cluster assignments (Lloyd's algorithm, random distinct-point initialisation).
+    """k-means cluster assignments: the best of ``num_init`` Lloyd runs.
 
     Args:
       x: float ``[N, D]``.
       num_clusters: ``1 <= K <= N``.
-      seed: initialisation seed (reproducible for fixed seed, backend and machine).
-      num_iters: Lloyd iterations (20, as pytorch-metric-learning's ``FaissKMeans``).
+      seed: seed of the initialisations (reproducible for fixed seed, backend and machine).
+      num_iters: Lloyd iterations per run (20, as pytorch-metric-learning's ``FaissKMeans``).
+      num_init: runs from different seeds; the one of lowest inertia is returned. Default 3.
+      init: ``"k-means++"`` (default) or ``"random"`` (distinct points drawn uniformly).
       backend: ``"faiss"``, ``"jax"`` or ``"auto"`` (see the module docstring).
 
     Returns:
       int64 ``[N]`` cluster ids in ``[0, K)``. Memory: JAX backend ``[4096, K]`` per step plus
-      ``x``; faiss: its own blocked search.
+      ``x``; k-means++ ``[N]``; faiss: its own blocked search. Time: ``num_init`` x (seeding,
+      ``K`` passes over ``x`` for k-means++, plus ``num_iters`` Lloyd iterations).
     """
     x = check_finite_2d(x, "x")
     k = int(num_clusters)
@@ -203,11 +272,19 @@ def kmeans(
         raise ValueError(f"`num_clusters` must be in [1, {x.shape[0]}]; got {k}.")
     if backend not in ("auto", "jax", "faiss"):
         raise ValueError(f"`backend` must be one of ('auto', 'jax', 'faiss'); got {backend!r}.")
+    if init not in ("k-means++", "random"):
+        raise ValueError(f"`init` must be 'k-means++' or 'random'; got {init!r}.")
+    if int(num_init) < 1:
+        raise ValueError(f"`num_init` must be >= 1; got {num_init}.")
     if backend == "auto":
         backend = "faiss" if jax.default_backend() == "cpu" and _faiss_available() else "jax"
-    if backend == "faiss":
-        return _kmeans_faiss(x, k, seed, num_iters)
-    return _kmeans_jax(x, k, seed, num_iters).astype(np.int64)
+    run = _kmeans_faiss if backend == "faiss" else _kmeans_jax
+    best, best_inertia = None, math.inf
+    for key in jax.random.split(jax.random.key(seed), int(num_init)):
+        assignment, inertia = run(x, _initial_seeds(x, k, key, init), num_iters)
+        if inertia < best_inertia:
+            best, best_inertia = assignment, inertia
+    return best
 
 
 def clustering_metrics(
@@ -217,6 +294,8 @@ def clustering_metrics(
     num_clusters: int | None = None,
     seed: int = 0,
     num_iters: int = 20,
+    num_init: int = 3,
+    init: KMeansInit = "k-means++",
     backend: KMeansBackend = "auto",
 ) -> dict[str, float]:
     """NMI and pairwise F1 of k-means clusters of ``embeddings`` against ``labels``.
@@ -226,7 +305,9 @@ def clustering_metrics(
       labels: int ``[N]`` classes.
       num_clusters: k-means K; default the number of distinct labels.
       seed: k-means seed.
-      num_iters: Lloyd iterations.
+      num_iters: Lloyd iterations per run.
+      num_init: k-means runs; the one of lowest inertia is kept (see :func:`kmeans`).
+      init: ``"k-means++"`` (default) or ``"random"``.
       backend: k-means backend, see :func:`kmeans`.
 
     Returns:
@@ -241,5 +322,6 @@ def clustering_metrics(
     x = check_finite_2d(embeddings, "embeddings")
     y = check_labels(labels, x.shape[0], "labels", "embeddings")
     k = int(np.unique(y).size) if num_clusters is None else int(num_clusters)
-    assign = kmeans(x, k, seed=seed, num_iters=num_iters, backend=backend)
+    assign = kmeans(x, k, seed=seed, num_iters=num_iters, num_init=num_init, init=init,
+                    backend=backend)
     return {"nmi": normalized_mutual_info(y, assign), "f1": pairwise_f1(y, assign)}
