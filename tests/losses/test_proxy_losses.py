@@ -358,3 +358,85 @@ def test_pair_losses_check_their_batch(fn):
         fn(e[0], y)
     with pytest.raises(ValueError, match=r"`labels` has shape"):
         fn(e, y[:-1])
+
+
+# --------------------------------------------------------------------------------------------
+# 8 devices: value, per-device embedding-gradient rows and parameter gradient equal one device.
+
+CROSS_DEVICE = r"""
+import json
+import jax, numpy as np
+from jax.sharding import Mesh, PartitionSpec as P
+from dml_jax import losses
+
+n = jax.device_count()
+assert n == 8, n
+mesh = Mesh(np.array(jax.devices()), ("d",))
+rng = np.random.default_rng(0)
+B, D, C, K = 32, 6, 5, 2
+e = rng.normal(size=(B, D)).astype(np.float32)
+y = rng.integers(0, C, size=B).astype(np.int32)
+where = np.ones(B, bool); where[[3, 17, 30]] = False
+CASES = {
+    "proxy_anchor": (losses.proxy_anchor_loss, C, {}),
+    "proxy_nca": (losses.proxy_nca_loss, C, {"softmax_scale": 3.0}),
+    "arcface": (losses.arcface_loss, C, {"scale": 16.0}),
+    "cosface": (losses.cosface_loss, C, {"scale": 16.0}),
+    "soft_triple": (losses.soft_triple_loss, C * K, {"centers_per_class": K}),
+    "supcon": (losses.supcon_loss, 0, {}),
+    "circle": (losses.circle_loss, 0, {}),
+}
+report = {}
+for name, (fn, rows, kw) in CASES.items():
+    p = rng.normal(size=(max(rows, 1), D)).astype(np.float32)
+
+    def loss(e, y, w, p, axis_name=None, fn=fn, rows=rows, kw=kw):
+        args = (e, y, p) if rows else (e, y)
+        return fn(*args, where=w, axis_name=axis_name, **kw)
+
+    ref_v, (ref_ge, ref_gp) = jax.value_and_grad(loss, argnums=(0, 3))(e, y, where, p)
+
+    def local(e_l, y_l, w_l, p, loss=loss):
+        return jax.value_and_grad(
+            lambda e, p: loss(e, y_l, w_l, p, axis_name="d"), argnums=(0, 1))(e_l, p)
+
+    specs = dict(mesh=mesh, in_specs=(P("d"), P("d"), P("d"), P()))
+    # check_vma=True (the default): the loss and the replicated parameter's gradient are
+    # typed replicated, and that gradient is the full one on every device.
+    f = jax.shard_map(local, out_specs=(P(), (P("d"), P())), **specs)
+    v, (ge, gp) = jax.jit(f)(e, y, where, p)
+    out = {"vma": (np.full(n, float(v)), np.asarray(ge), np.asarray(gp))}
+    # check_vma=False (as pmap): each device gets its rows' share of the parameter gradient.
+    f = jax.shard_map(
+        lambda *a, local=local: (lambda r: (r[0][None], (r[1][0], r[1][1][None])))(local(*a)),
+        out_specs=(P("d"), (P("d"), P("d"))), check_vma=False, **specs)
+    v, (ge, gp) = jax.jit(f)(e, y, where, p)
+    out["no_vma"] = (np.asarray(v), np.asarray(ge), np.asarray(gp).sum(axis=0))
+    report[name] = {
+        mode: [float(np.max(np.abs(v - ref_v))), float(np.max(np.abs(ge - ref_ge))),
+               float(np.max(np.abs(gp - ref_gp))), float(abs(ref_v)),
+               float(np.max(np.abs(ref_ge))), float(np.max(np.abs(ref_gp)))]
+        for mode, (v, ge, gp) in out.items()
+    }
+print("REPORT" + json.dumps(report))
+"""
+
+
+@pytest.mark.multidevice
+def test_eight_devices_equal_one():
+    import json
+
+    from tests._subprocess import run_with_devices
+
+    report = json.loads(run_with_devices(CROSS_DEVICE).split("REPORT", 1)[1])
+    assert set(report) == set(LOSSES)
+    for name, modes in report.items():
+        assert set(modes) == {"vma", "no_vma"}
+        for mode, (dv, dge, dgp, v, ge, gp) in modes.items():
+            # The same float32 terms summed in another order: a few ulps of the scale.
+            assert dv <= 1e-5 * max(1.0, v), (name, mode, dv, v)
+            assert dge <= 1e-5 * max(1e-2, ge), (name, mode, dge, ge)
+            assert ge > 1e-3, (name, "degenerate: zero reference gradient")
+            if has_param(name):
+                assert dgp <= 1e-5 * max(1e-2, gp), (name, mode, dgp, gp)
+                assert gp > 1e-3, (name, "degenerate: zero parameter gradient")
