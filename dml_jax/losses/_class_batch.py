@@ -2,7 +2,8 @@
 
 The proxy and margin-softmax losses compare each local row ``[b, D]`` with ``C`` parameter rows
 ``[C, D]``; they never need the other devices' rows, only sums over rows: a mean over the valid
-rows (:func:`row_mean`) or, per class, a log-sum-exp over rows (:func:`logsumexp_over_rows`).
+rows (:func:`dml_jax.losses._classify.cross_entropy`) or, per class, a log-sum-exp over rows
+(:func:`logsumexp_over_rows`).
 Under ``axis_name`` those sums are global (see :mod:`dml_jax.parallel`), so the value is the
 global-batch loss and each device's gradient is exactly its rows of the single-device one.
 
@@ -73,11 +74,6 @@ def one_hot(labels: jax.Array, num_classes: int) -> jax.Array:
     return labels[:, None] == jnp.arange(num_classes, dtype=labels.dtype)[None, :]
 
 
-def row_mean(terms: jax.Array, valid: jax.Array, axis_name: str | None) -> jax.Array:
-    """Mean of ``terms`` ``[b]`` over the valid rows of the global batch; 0 without one."""
-    return _batch.global_mean(_batch.masked_sum(terms, valid), jnp.sum(valid), axis_name)
-
-
 def logsumexp_over_rows(
     values: jax.Array, mask: jax.Array, axis_name: str | None
 ) -> jax.Array:
@@ -96,15 +92,3 @@ def logsumexp_over_rows(
     has = count > 0
     return jnp.where(has, jnp.log(jnp.where(has, total, 1.0)) + top, _batch.NEG_LARGE)
 
-
-def cross_entropy(
-    logits: jax.Array, labels: jax.Array, valid: jax.Array, axis_name: str | None
-) -> jax.Array:
-    """Mean over the valid rows of the global batch of ``logsumexp(logits_i) - logits_i[y_i]``.
-
-    ``logits`` float32 ``[b, C]``; rows that are not valid (their label may be out of range)
-    take no part. Holds a few ``[b, C]`` arrays.
-    """
-    picked = jnp.sum(jnp.where(one_hot(labels, logits.shape[1]), logits, 0.0), axis=1)
-    nll = jax.nn.logsumexp(logits, axis=1) - picked
-    return row_mean(nll, valid, axis_name)

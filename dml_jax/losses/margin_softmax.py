@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from dml_jax import distances
-from dml_jax.losses import _class_batch
+from dml_jax.losses import _class_batch, _classify
 
 
 def _margin_logits(batch: _class_batch.ClassBatch, target_fn) -> jax.Array:
@@ -89,7 +89,7 @@ def arcface_loss(
     batch = _class_batch.class_batch(embeddings, labels, weights, "weights", where)
     margin_rad = jnp.asarray(margin, jnp.float32) * (math.pi / 180.0)
     cos = _margin_logits(batch, lambda c: _arc_target(c, margin_rad))
-    return _class_batch.cross_entropy(scale * cos, batch.labels, batch.valid, axis_name)
+    return _classify.cross_entropy(scale * cos, batch.labels, batch.valid, axis_name)
 
 
 @functools.partial(jax.jit, static_argnames=("axis_name",))
@@ -131,4 +131,4 @@ def cosface_loss(
     """
     batch = _class_batch.class_batch(embeddings, labels, weights, "weights", where)
     cos = _margin_logits(batch, lambda c: c - margin)
-    return _class_batch.cross_entropy(scale * cos, batch.labels, batch.valid, axis_name)
+    return _classify.cross_entropy(scale * cos, batch.labels, batch.valid, axis_name)

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from dml_jax import distances, parallel
-from dml_jax.losses import _batch, _class_batch
+from dml_jax.losses import _batch, _class_batch, _classify
 
 
 @functools.partial(jax.jit, static_argnames=("axis_name",))
@@ -121,7 +121,7 @@ def proxy_nca_loss(
     rows = distances.l2_normalize(batch.rows)
     params = distances.l2_normalize(batch.params)
     logits = -softmax_scale * distances.pairwise_squared_distances(rows, params)
-    return _class_batch.cross_entropy(logits, batch.labels, batch.valid, axis_name)
+    return _classify.cross_entropy(logits, batch.labels, batch.valid, axis_name)
 
 
 @functools.partial(jax.jit, static_argnames=("centers_per_class", "axis_name"))
@@ -190,4 +190,4 @@ def soft_triple_loss(
     weights = jax.nn.softmax(s / gamma, axis=2)
     logits = jnp.sum(weights * s, axis=2)
     logits = la * (logits - margin * _class_batch.one_hot(labels_, num))
-    return _class_batch.cross_entropy(logits, labels_, valid, axis_name)
+    return _classify.cross_entropy(logits, labels_, valid, axis_name)
