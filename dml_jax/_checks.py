@@ -1,9 +1,16 @@
-"""Input validation shared by the losses and evaluation: errors at trace time, naming shapes."""
+"""Input validation shared by the losses and evaluation: errors at trace time, naming shapes,
+and the losses' non-finite guard (a non-finite valid input gives a non-finite loss)."""
 
 from __future__ import annotations
 
+import functools
+import inspect
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
+
+from dml_jax import parallel
 
 
 def check_embeddings_labels(
@@ -48,10 +55,79 @@ def check_embeddings_labels(
                 f"got shape {mask.shape}."
             )
         mask = mask.astype(jnp.bool_)
-    return embeddings.astype(jnp.float32), labels.astype(jnp.int32), mask
+    return mask_rows(embeddings.astype(jnp.float32), mask), labels.astype(jnp.int32), mask
+
+
+def mask_rows(x: jax.Array, where: jax.Array) -> jax.Array:
+    """``x`` ``[B, ...]`` with the rows whose ``where`` ``[B]`` is False set to 0.
+
+    A masked row then takes no part even when it holds NaN or inf (a ``0 * inf`` would
+    otherwise reach the value or the gradient), and receives a zero gradient.
+    """
+    keep = where.reshape(where.shape + (1,) * (x.ndim - 1))
+    return jnp.where(keep, x, jnp.zeros((), x.dtype))
 
 
 def check_choice(value: str, name: str, choices: tuple[str, ...]) -> None:
     """Raises ``ValueError`` if ``value`` is not one of ``choices``."""
     if value not in choices:
         raise ValueError(f"`{name}` must be one of {choices}; got {value!r}.")
+
+
+def any_nonfinite(x: jax.typing.ArrayLike, where: jax.typing.ArrayLike | None = None) -> jax.Array:
+    """Whether any entry of ``x`` ``[B, ...]`` in a row whose ``where`` ``[B]`` is True (every
+    row when ``where`` is None) is NaN or inf; a bool scalar without gradient.
+
+    Non-float ``x`` (labels, masks) is never non-finite.
+    """
+    x = jnp.asarray(x)
+    if not jnp.issubdtype(x.dtype, jnp.inexact):
+        return jnp.zeros((), jnp.bool_)
+    bad = ~jnp.isfinite(jax.lax.stop_gradient(x))
+    if where is not None and x.ndim >= 1:
+        where = jnp.asarray(where, jnp.bool_)
+        if where.shape == x.shape[:1]:
+            bad = bad & where.reshape(where.shape + (1,) * (x.ndim - 1))
+    return jnp.any(bad)
+
+
+def propagate_nonfinite(*, rows: tuple[str, ...] = ("embeddings",),
+                        whole: tuple[str, ...] = ()) -> Callable[[Callable], Callable]:
+    """Decorator: the loss returns NaN when a valid input is non-finite.
+
+    Masks and ``where``-selects let a loss drop the terms of a NaN or inf row from its value
+    while its gradient turns NaN: a training loop that checks the loss would then commit a
+    NaN update unnoticed. Under this decorator the value is NaN as soon as any row of the
+    arguments named in ``rows`` (per-row inputs: embeddings, logits) whose ``where`` is True,
+    or any entry of the arguments named in ``whole`` (parameters: centers, proxies), is NaN or
+    inf. With ``axis_name`` the global batch decides: every device returns NaN when any device
+    holds such a row. Rows with ``where`` False take no part; finite input is unchanged (the
+    guard adds an exact 0, so values and gradients are bit-for-bit those of the loss).
+
+    The decorated function must take its arrays by the given names and ``where`` /
+    ``axis_name`` keywords; apply ``jax.jit`` on top of it.
+    """
+
+    def decorate(loss_fn: Callable[..., jax.Array]) -> Callable[..., jax.Array]:
+        signature = inspect.signature(loss_fn)
+
+        @functools.wraps(loss_fn)
+        def guarded(*args, **kwargs):
+            value = loss_fn(*args, **kwargs)
+            bound = signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            arguments = bound.arguments
+            where = arguments.get("where")
+            bad = jnp.zeros((), jnp.bool_)
+            for name in rows:
+                if arguments.get(name) is not None:
+                    bad = bad | any_nonfinite(arguments[name], where)
+            for name in whole:
+                if arguments.get(name) is not None:
+                    bad = bad | any_nonfinite(arguments[name])
+            bad = parallel.global_any(bad, arguments.get("axis_name"))
+            return value + jnp.where(bad, jnp.nan, 0.0).astype(value.dtype)
+
+        return guarded
+
+    return decorate

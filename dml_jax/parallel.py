@@ -81,3 +81,10 @@ def global_max(x: jax.Array, axis_name: str | None) -> jax.Array:
     if axis_name is None:
         return x
     return jax.lax.pmax(x, axis_name)
+
+
+def global_any(x: jax.Array, axis_name: str | None) -> jax.Array:
+    """Logical or over devices of a bool (no gradient)."""
+    if axis_name is None:
+        return x
+    return jax.lax.pmax(x.astype(jnp.int32), axis_name) > 0

@@ -16,9 +16,16 @@ def _pyplot():
     return plt
 
 
-def training_curves(rows: Sequence[dict[str, float]], path: str) -> None:
+def _finite_or_nan(rows: Sequence[dict[str, float | None]]) -> list[dict[str, float]]:
+    """Rows with the ``null`` of a non-finite logged value read back as NaN (a gap)."""
+    return [{k: (np.nan if v is None else v) for k, v in r.items() if k != "nonfinite"}
+            for r in rows]
+
+
+def training_curves(rows: Sequence[dict[str, float | None]], path: str) -> None:
     """Loss (train rows) and retrieval metrics (eval rows) against step, saved to ``path``."""
     plt = _pyplot()
+    rows = _finite_or_nan(rows)
     train = [r for r in rows if "loss" in r]
     evals = [r for r in rows if "map@r" in r]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))

@@ -213,6 +213,7 @@ def _view_batch(view: SymmetricView) -> _batch.PairBatch:
 
 
 @functools.partial(jax.jit, static_argnames=("mining", "axis_name"))
+@_checks.propagate_nonfinite()
 def symmetric_triplet_loss(
     embeddings: jax.typing.ArrayLike,
     labels: jax.typing.ArrayLike,
@@ -243,6 +244,7 @@ def symmetric_triplet_loss(
 
 
 @functools.partial(jax.jit, static_argnames=("axis_name",))
+@_checks.propagate_nonfinite()
 def symmetric_lifted_structure_loss(
     embeddings: jax.typing.ArrayLike,
     labels: jax.typing.ArrayLike,
@@ -268,6 +270,7 @@ def symmetric_lifted_structure_loss(
 
 
 @functools.partial(jax.jit, static_argnames=("axis_name",))
+@_checks.propagate_nonfinite()
 def symmetric_contrastive_loss(
     embeddings: jax.typing.ArrayLike,
     labels: jax.typing.ArrayLike,
@@ -294,6 +297,7 @@ def symmetric_contrastive_loss(
 
 
 @functools.partial(jax.jit, static_argnames=("epsilon", "axis_name"))
+@_checks.propagate_nonfinite()
 def symmetric_multi_similarity_loss(
     embeddings: jax.typing.ArrayLike,
     labels: jax.typing.ArrayLike,
@@ -329,6 +333,7 @@ def symmetric_multi_similarity_loss(
 
 
 @functools.partial(jax.jit, static_argnames=("kernel", "attention", "axis_name"))
+@_checks.propagate_nonfinite(rows=("embeddings", "logits"))
 def symmetric_osm_caa_loss(
     embeddings: jax.typing.ArrayLike,
     labels: jax.typing.ArrayLike,
@@ -352,7 +357,9 @@ def symmetric_osm_caa_loss(
     view = symmetric_view(
         embeddings, labels, normalize=True, where=where, axis_name=axis_name
     )
-    a_rows, a_cols = prepare_attention(logits, view.batch.row_labels, attention, axis_name)
+    a_rows, a_cols = prepare_attention(
+        logits, view.batch.row_labels, view.batch.row_valid, attention, axis_name
+    )
     a_pairs = jnp.stack([a_cols[0::2], a_cols[1::2]])  # [2, N]: a_k, a_l
     a_mined = jnp.take_along_axis(a_pairs, view.choice % 2, axis=0)  # [b, N]
     num_rows = a_rows.shape[0]
@@ -378,6 +385,7 @@ def _max_logits(layout: PairLayout, combos, logit_fn, original, positive: str) -
 
 
 @functools.partial(jax.jit, static_argnames=("positive", "axis_name"))
+@_checks.propagate_nonfinite()
 def symmetric_npair_loss(
     embeddings: jax.typing.ArrayLike,
     labels: jax.typing.ArrayLike,
@@ -424,6 +432,7 @@ def symmetric_npair_loss(
 
 
 @functools.partial(jax.jit, static_argnames=("degree", "positive", "axis_name"))
+@_checks.propagate_nonfinite()
 def symmetric_angular_loss(
     embeddings: jax.typing.ArrayLike,
     labels: jax.typing.ArrayLike,

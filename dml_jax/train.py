@@ -40,7 +40,7 @@ from dml_jax.models import build_model
 
 # Keys a resumed run may change (everything else must match the checkpoints' config).
 RESUMABLE_KEYS = ("num_steps", "eval_every", "log_every", "checkpoint_every", "progress_bar",
-                  "plots", "eval_raw_baseline")
+                  "plots", "eval_raw_baseline", "nan_policy", "nan_max_consecutive_skips")
 
 
 # --------------------------------------------------------------------------------------------
@@ -52,7 +52,7 @@ def validate_config(config: ml_collections.ConfigDict, train: Split, num_devices
 
     Raises:
       ValueError: unknown loss, ``P * K`` not divisible by the device count, more classes per
-        batch than the data has, or non-positive step counts.
+        batch than the data has, non-positive step counts, or an unknown ``nan_policy``.
     """
     objectives.get_spec(config.loss.name)
     batch = config.classes_per_batch * config.samples_per_class
@@ -70,6 +70,7 @@ def validate_config(config: ml_collections.ConfigDict, train: Split, num_devices
     for key in ("num_steps", "eval_every", "log_every", "checkpoint_every"):
         if int(config[key]) <= 0:
             raise ValueError(f"config.{key} must be > 0; got {config[key]}.")
+    NonFiniteGuard(config.get("nan_policy", "stop"), config.get("nan_max_consecutive_skips", 10))
 
 
 def load_data(config: ml_collections.ConfigDict) -> tuple[Split, Split]:
@@ -152,8 +153,23 @@ def create_state(config, num_classes: int, tx: optax.GradientTransformation):
 # Steps
 
 
+def all_finite(tree: Any) -> jax.Array:
+    """Whether every floating entry of ``tree`` is finite: a bool scalar, one fused pass."""
+    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+    if not leaves:
+        return jnp.bool_(True)
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
 def make_train_step(graphdef, loss_config: Mapping[str, Any], tx: optax.GradientTransformation):
-    """``train_step(state, images [B, H, W, C], labels [B]) -> (state, metrics)`` (pure)."""
+    """``train_step(state, images [B, H, W, C], labels [B]) -> (state, metrics)`` (pure).
+
+    A step whose loss, global gradient norm or updated state is not finite is not committed:
+    the returned state is the input state with only ``step`` advanced, and
+    ``metrics["finite"]`` is False (the loop then stops or skips, as ``config.nan_policy``
+    says). So a non-finite update never reaches the parameters, the optimizer state or the
+    BatchNorm statistics, and no checkpoint can hold one.
+    """
 
     def train_step(state, images, labels):
         def loss_fn(params):
@@ -171,15 +187,14 @@ def make_train_step(graphdef, loss_config: Mapping[str, Any], tx: optax.Gradient
         )
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
-        new_state = {
-            "step": state["step"] + 1,
-            "params": params,
-            "rest": rest,
-            "opt_state": opt_state,
-            "loss_state": loss_state,
-            "rng": state["rng"],
-        }
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), **parts}
+        grad_norm = optax.global_norm(grads)
+        update = {"params": params, "rest": rest, "opt_state": opt_state,
+                  "loss_state": loss_state}
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & all_finite(update)
+        kept = jax.tree.map(lambda new, old: jnp.where(finite, new, old), update,
+                            {k: state[k] for k in update})
+        new_state = {"step": state["step"] + 1, **kept, "rng": state["rng"]}
+        metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite, **parts}
         return new_state, metrics
 
     return train_step
@@ -227,6 +242,26 @@ def embed_dataset(embed, state, mesh: Mesh, images: np.ndarray, batch_size: int)
 # Logging
 
 
+def json_line(step: int, values: Mapping[str, float]) -> str:
+    """One strict-JSON line ``{"step": step, **values}``.
+
+    A non-finite value is written as ``null`` and named, as text, under ``"nonfinite"``
+    (e.g. ``{"loss": null, "nonfinite": {"loss": "nan"}}``), so any JSON reader can read it.
+    """
+    row: dict[str, Any] = {"step": int(step)}
+    nonfinite = {}
+    for k, v in values.items():
+        v = float(v)
+        if math.isfinite(v):
+            row[k] = v
+        else:
+            row[k] = None
+            nonfinite[k] = str(v)
+    if nonfinite:
+        row["nonfinite"] = nonfinite
+    return json.dumps(row, allow_nan=False)
+
+
 class MetricsLog:
     """Appends JSON lines to ``<workdir>/metrics.jsonl`` and scalars to TensorBoard."""
 
@@ -243,10 +278,11 @@ class MetricsLog:
         """One JSON line ``{"step": step, **values}`` and one TensorBoard scalar per value."""
         if not self.enabled:
             return
-        row = {"step": int(step), **{k: float(v) for k, v in values.items()}}
         with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+            f.write(json_line(step, values) + "\n")
         for k, v in values.items():
+            if not math.isfinite(float(v)):  # metrics.jsonl names it; TensorBoard skips it
+                continue
             tag = k.replace("@", "_at_")  # TensorBoard tags allow [A-Za-z0-9_./-]
             self._tb.add_scalar(f"{prefix}/{tag}", float(v), int(step))
         self._tb.flush()
@@ -264,6 +300,66 @@ def read_metrics(workdir: str) -> list[dict[str, float]]:
         return []
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+# --------------------------------------------------------------------------------------------
+# Non-finite steps
+
+NAN_POLICIES = ("stop", "skip")
+
+
+class NonFiniteGuard:
+    """What the loop does with a step whose loss, gradient or update is not finite.
+
+    The train step has already refused to commit such an update (see
+    :func:`make_train_step`); this decides whether the run goes on. ``"stop"`` raises at once;
+    ``"skip"`` drops the step (its batch is not trained on) and counts it, raising only after
+    ``max_consecutive`` skipped steps in a row.
+
+    Args:
+      policy: ``"stop"`` or ``"skip"``.
+      max_consecutive: consecutive skipped steps tolerated under ``"skip"``.
+    """
+
+    def __init__(self, policy: str, max_consecutive: int):
+        if policy not in NAN_POLICIES:
+            raise ValueError(f"config.nan_policy must be one of {NAN_POLICIES}; got {policy!r}.")
+        if int(max_consecutive) < 1:
+            raise ValueError(
+                f"config.nan_max_consecutive_skips must be >= 1; got {max_consecutive}.")
+        self.policy = policy
+        self.max_consecutive = int(max_consecutive)
+        self.skipped = 0
+        self.consecutive = 0
+
+    def check(self, metrics: Mapping[str, jax.Array]) -> str:
+        """``"ok"`` when the step was committed, ``"skip"`` when it is dropped and the run goes
+        on, ``"stop"`` when the run must end (raise :meth:`error`)."""
+        if bool(metrics["finite"]):
+            self.consecutive = 0
+            return "ok"
+        self.skipped += 1
+        self.consecutive += 1
+        if self.policy == "skip" and self.consecutive <= self.max_consecutive:
+            return "skip"
+        return "stop"
+
+    def error(self, step: int, metrics: Mapping[str, jax.Array], last_good: int | None,
+              directory: str) -> FloatingPointError:
+        """The error that ends the run: names the step, the loss and gradient norm, and the
+        last good checkpoint."""
+        kept = (f"The last good checkpoint (step {last_good}) is kept in {directory}"
+                if last_good is not None else "No checkpoint was saved yet")
+        again, advice = "", ", or set config.nan_policy='skip'"
+        if self.policy == "skip":
+            again = f" after {self.consecutive} non-finite steps in a row (nan_policy='skip')"
+            advice = ""
+        return FloatingPointError(
+            f"Non-finite training step at step {step} (loss={float(metrics['loss'])}, "
+            f"grad_norm={float(metrics['grad_norm'])}){again}; the update was not applied "
+            f"and training stops. {kept}. Lower the learning rate or clip gradients "
+            f"(config.optimizer.grad_clip_norm){advice}."
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -292,10 +388,22 @@ class _Preemption:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-def evaluate(embed, state, mesh, test: Split, config) -> tuple[dict[str, float], np.ndarray]:
+def evaluate(embed, state, mesh, test: Split, config,
+             step: int) -> tuple[dict[str, float], np.ndarray]:
     """Retrieval metrics of the held-out split against itself (self excluded), and the
-    held-out embeddings ``[N, E]`` they were computed from."""
+    held-out embeddings ``[N, E]`` they were computed from.
+
+    Raises:
+      FloatingPointError: the model produced non-finite embeddings (naming the step).
+    """
     emb = embed_dataset(embed, state, mesh, test.images, config.eval_batch_size)
+    bad = ~np.all(np.isfinite(emb), axis=1)
+    if bad.any():
+        raise FloatingPointError(
+            f"The model produced non-finite embeddings at step {step} ({int(bad.sum())} of "
+            f"{len(emb)} held-out rows have NaN or inf); its parameters are finite, so look at "
+            "the model's arithmetic (e.g. a normalisation of a zero vector) or its inputs."
+        )
     return evaluation.retrieval_metrics(emb, test.labels, ks=tuple(config.eval_ks)), emb
 
 
@@ -321,7 +429,10 @@ def train_and_evaluate(
     Raises:
       ValueError: a bad configuration (before training).
       checkpoint.ConfigMismatchError: ``workdir`` holds another configuration's checkpoints.
-      FloatingPointError: a non-finite loss; the last good checkpoint is kept.
+      FloatingPointError: a non-finite loss, gradient or update under ``nan_policy="stop"``
+        (or more than ``nan_max_consecutive_skips`` in a row under ``"skip"``), or non-finite
+        embeddings in evaluation; the state of the failed step is never committed, so every
+        checkpoint on disk is finite and the last good one is kept.
     """
     train, test = load_data(config)
     mesh = make_mesh()
@@ -370,35 +481,34 @@ def train_and_evaluate(
     preempted = False
     final: dict[str, float] = {}
     final_emb = None
+    nan_guard = NonFiniteGuard(config.get("nan_policy", "stop"),
+                               config.get("nan_max_consecutive_skips", 10))
     try:
         with _Preemption() as preemption:
             while step < config.num_steps:
                 idx = sampler.batch_indices(step)
                 images = shard_batch(mesh, train.images[idx])
                 state, metrics = train_step(state, images, shard_batch(mesh, train.labels[idx]))
-                loss = float(metrics["loss"])
                 step += 1
-                if not math.isfinite(loss):
-                    where = (f"the last good checkpoint (step {last_good}) is kept in "
-                             f"{ckpt.directory}" if last_good is not None
-                             else "no checkpoint was saved yet")
-                    raise FloatingPointError(
-                        f"Non-finite loss ({loss}) at step {step}; stopping. {where}."
-                    )
-                history.append(loss)
+                status = nan_guard.check(metrics)
+                if status == "ok":
+                    history.append(float(metrics["loss"]))
                 bar.update(1)
-                if step % config.log_every == 0 or step == config.num_steps:
+                if step % config.log_every == 0 or step == config.num_steps or status == "stop":
                     now = time.perf_counter()
                     rate = (step - tick_step) * sampler.batch_size / max(now - tick, 1e-9)
                     tick, tick_step = now, step
-                    values = {k: float(v) for k, v in metrics.items()}
-                    values["loss"] = float(np.mean(history))
+                    values = {k: float(v) for k, v in metrics.items() if k != "finite"}
+                    values["loss"] = float(np.mean(history)) if history else float("nan")
                     values["images_per_sec"] = rate
+                    values["skipped_steps"] = nan_guard.skipped
                     history.clear()
                     metrics_log.write(step, values, "train")
                     bar.set_postfix(loss=f"{values['loss']:.4f}", img_s=f"{rate:.0f}")
+                if status == "stop":
+                    raise nan_guard.error(step, metrics, last_good, ckpt.directory)
                 if step % config.eval_every == 0 or step == config.num_steps:
-                    final, final_emb = evaluate(embed, state, mesh, test, config)
+                    final, final_emb = evaluate(embed, state, mesh, test, config, step)
                     metrics_log.write(step, final, "eval")
                     bar.write(f"step {step}: " + ", ".join(
                         f"{k}={v:.4f}" for k, v in final.items() if k != "num_queries"))
@@ -420,7 +530,7 @@ def train_and_evaluate(
         metrics_log.close()
 
     if not preempted and not final:  # the run was already complete: evaluate it again
-        final, final_emb = evaluate(embed, state, mesh, test, config)
+        final, final_emb = evaluate(embed, state, mesh, test, config, step)
     if is_main and not preempted and config.plots:
         from dml_jax import plots
 

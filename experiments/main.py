@@ -33,7 +33,10 @@ def main(argv):
                                    FLAGS.process_id)
     from dml_jax import train
 
-    result = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    try:
+        result = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    except FloatingPointError as e:  # diverged: the message names the step and checkpoint
+        sys.exit(f"error: {e}")
     if jax.process_index() == 0 and not result["preempted"]:
         print()
         if result["baseline"] is not None:

@@ -1,7 +1,9 @@
 """Pure, jit-compiled metric-learning losses.
 
 Every loss takes ``(embeddings [B, D], labels [B], *, <hyper-parameters>, where=None,
-axis_name=None)`` and returns a float32 scalar; see ``../shared/API.md`` and each docstring.
+axis_name=None)`` and returns a float32 scalar; see ``docs/losses.md`` and each docstring.
+A NaN or inf in a valid input row makes the loss NaN
+(see :func:`dml_jax._checks.propagate_nonfinite`).
 """
 
 from dml_jax.losses.center import center_loss, center_structured_loss, update_centers

@@ -6,11 +6,15 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from dml_jax import _checks
 from dml_jax.losses import _batch
 
 
-def check_logits(logits: jax.typing.ArrayLike, labels: jax.Array) -> jax.Array:
-    """Validates ``logits`` float ``[B, C]`` against ``labels`` ``[B]``; returns float32 logits.
+def check_logits(logits: jax.typing.ArrayLike, labels: jax.Array,
+                 row_valid: jax.Array | None = None) -> jax.Array:
+    """Validates ``logits`` float ``[B, C]`` against ``labels`` ``[B]``; returns float32 logits,
+    with the rows whose ``row_valid`` ``[B]`` is False set to 0 (they take no part, even when
+    they hold NaN or inf).
 
     Raises:
       ValueError: naming ``logits`` and its shape.
@@ -25,7 +29,8 @@ def check_logits(logits: jax.typing.ArrayLike, labels: jax.Array) -> jax.Array:
             f"`logits` has shape {logits.shape} but `labels` has shape {labels.shape}: "
             "their leading (batch) dimensions must match."
         )
-    return logits.astype(jnp.float32)
+    logits = logits.astype(jnp.float32)
+    return logits if row_valid is None else _checks.mask_rows(logits, row_valid)
 
 
 def true_class_log_probability(logits: jax.Array, labels: jax.Array) -> jax.Array:

@@ -26,6 +26,7 @@ def _check_centers(centers: jax.typing.ArrayLike, dim: int) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames=("axis_name",))
+@_checks.propagate_nonfinite(whole=("centers",))
 def center_loss(
     embeddings: jax.typing.ArrayLike,
     labels: jax.typing.ArrayLike,
@@ -120,6 +121,7 @@ def center_separation(centers: jax.Array, center_margin: float) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames=("learn_centers", "axis_name"))
+@_checks.propagate_nonfinite(rows=("embeddings", "logits"), whole=("centers",))
 def center_structured_loss(
     embeddings: jax.typing.ArrayLike,
     labels: jax.typing.ArrayLike,
@@ -180,7 +182,7 @@ def center_structured_loss(
       Song et al., CVPR 2016.
     """
     rows, labels_, valid = _checks.check_embeddings_labels(embeddings, labels, where)
-    logits = _classify.check_logits(logits, labels_)
+    logits = _classify.check_logits(logits, labels_, valid)
     centers = _check_centers(centers, rows.shape[1])
     if not learn_centers:
         centers = jax.lax.stop_gradient(centers)

@@ -12,6 +12,7 @@ from dml_jax.losses.triplet import MINING, triplet_loss
 
 
 @functools.partial(jax.jit, static_argnames=("mining", "axis_name"))
+@_checks.propagate_nonfinite(rows=("embeddings", "logits"))
 def demal_hybrid_loss(
     embeddings: jax.typing.ArrayLike,
     labels: jax.typing.ArrayLike,
@@ -56,7 +57,7 @@ def demal_hybrid_loss(
     """
     _checks.check_choice(mining, "mining", MINING)
     _, labels_, valid = _checks.check_embeddings_labels(embeddings, labels, where)
-    logits = _classify.check_logits(logits, labels_)
+    logits = _classify.check_logits(logits, labels_, valid)
     tri = triplet_loss(
         embeddings, labels, margin=margin, mining=mining, where=where, axis_name=axis_name
     )

@@ -18,7 +18,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from dml_jax import distances, parallel
+from dml_jax import _checks, distances, parallel
 from dml_jax.losses import _batch
 
 _AXIS_FLOOR = 1e-12  # an axis with ||a||^2 below this counts as zero: reflect(p about 0) = -p
@@ -178,6 +178,7 @@ def l2_regulariser(layout: PairLayout, axis_name: str | None) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames=("axis_name",))
+@_checks.propagate_nonfinite()
 def npair_loss(
     embeddings: jax.typing.ArrayLike,
     labels: jax.typing.ArrayLike,
@@ -225,6 +226,7 @@ def angular_logits(layout: PairLayout, x: str, y: str, degree: float) -> jax.Arr
 
 
 @functools.partial(jax.jit, static_argnames=("degree", "axis_name"))
+@_checks.propagate_nonfinite()
 def angular_loss(
     embeddings: jax.typing.ArrayLike,
     labels: jax.typing.ArrayLike,

@@ -85,17 +85,19 @@ def osm_caa_from_squared_distances(
 def prepare_attention(
     logits: jax.typing.ArrayLike | None,
     labels: jax.Array,
+    row_valid: jax.Array,
     attention: str,
     axis_name: str | None,
 ) -> tuple[jax.Array, jax.Array]:
     """Validated CAA scores of the local rows ``[b]`` and of the gathered columns ``[B]``."""
     if logits is not None:
-        logits = _classify.check_logits(logits, labels)
+        logits = _classify.check_logits(logits, labels, row_valid)
     a_rows = class_aware_attention(logits, labels, attention)
     return a_rows, parallel.all_gather_rows(a_rows, axis_name)
 
 
 @functools.partial(jax.jit, static_argnames=("kernel", "attention", "axis_name"))
+@_checks.propagate_nonfinite(rows=("embeddings", "logits"))
 def osm_caa_loss(
     embeddings: jax.typing.ArrayLike,
     labels: jax.typing.ArrayLike,
@@ -158,7 +160,9 @@ def osm_caa_loss(
     rows = distances.l2_normalize(batch.rows)
     cols = distances.l2_normalize(batch.cols)
     sq = distances.pairwise_squared_distances(rows, cols)
-    a_rows, a_cols = prepare_attention(logits, batch.row_labels, attention, axis_name)
+    a_rows, a_cols = prepare_attention(
+        logits, batch.row_labels, batch.row_valid, attention, axis_name
+    )
     return osm_caa_from_squared_distances(
         sq, batch.pos, batch.neg, a_rows, a_cols,
         margin=margin, sigma=sigma, lam=lam, kernel=kernel, axis_name=axis_name,

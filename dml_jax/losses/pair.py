@@ -7,10 +7,12 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from dml_jax import _checks
 from dml_jax.losses import _batch
 
 
 @functools.partial(jax.jit, static_argnames=("axis_name",))
+@_checks.propagate_nonfinite()
 def contrastive_loss(
     embeddings: jax.typing.ArrayLike,
     labels: jax.typing.ArrayLike,

@@ -65,6 +65,7 @@ def ranked_list_from_distances(
 
 
 @functools.partial(jax.jit, static_argnames=("query_weighting", "axis_name"))
+@_checks.propagate_nonfinite()
 def ranked_list_loss(
     embeddings: jax.typing.ArrayLike,
     labels: jax.typing.ArrayLike,

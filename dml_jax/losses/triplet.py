@@ -197,6 +197,7 @@ def _batch_hard(d, batch, margin):
 
 
 @functools.partial(jax.jit, static_argnames=("mining", "axis_name"))
+@_checks.propagate_nonfinite()
 def triplet_loss(
     embeddings: jax.typing.ArrayLike,
     labels: jax.typing.ArrayLike,

@@ -46,6 +46,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval_batch_size = 256
     c.eval_ks = (1, 2, 4, 8)
     c.eval_raw_baseline = True  # also report retrieval on the raw pixels, for comparison
+    # A step with a non-finite loss, gradient or update is never applied. "stop": end the run
+    # naming the step and the last good checkpoint; "skip": drop that step and go on, stopping
+    # after nan_max_consecutive_skips such steps in a row.
+    c.nan_policy = "stop"
+    c.nan_max_consecutive_skips = 10
     c.progress_bar = True
     c.plots = True
     return c
