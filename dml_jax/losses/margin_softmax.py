@@ -14,7 +14,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from dml_jax import distances
+from dml_jax import _checks, distances
 from dml_jax.losses import _class_batch, _classify
 
 
@@ -40,6 +40,7 @@ def _arc_target(cos: jax.Array, margin_rad: jax.Array) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames=("axis_name",))
+@_checks.propagate_nonfinite(whole=("weights",))
 def arcface_loss(
     embeddings: jax.typing.ArrayLike,
     labels: jax.typing.ArrayLike,
@@ -93,6 +94,7 @@ def arcface_loss(
 
 
 @functools.partial(jax.jit, static_argnames=("axis_name",))
+@_checks.propagate_nonfinite(whole=("weights",))
 def cosface_loss(
     embeddings: jax.typing.ArrayLike,
     labels: jax.typing.ArrayLike,

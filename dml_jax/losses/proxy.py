@@ -13,11 +13,12 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from dml_jax import distances, parallel
+from dml_jax import _checks, distances, parallel
 from dml_jax.losses import _batch, _class_batch, _classify
 
 
 @functools.partial(jax.jit, static_argnames=("axis_name",))
+@_checks.propagate_nonfinite(whole=("proxies",))
 def proxy_anchor_loss(
     embeddings: jax.typing.ArrayLike,
     labels: jax.typing.ArrayLike,
@@ -76,6 +77,7 @@ def proxy_anchor_loss(
 
 
 @functools.partial(jax.jit, static_argnames=("axis_name",))
+@_checks.propagate_nonfinite(whole=("proxies",))
 def proxy_nca_loss(
     embeddings: jax.typing.ArrayLike,
     labels: jax.typing.ArrayLike,
@@ -125,6 +127,7 @@ def proxy_nca_loss(
 
 
 @functools.partial(jax.jit, static_argnames=("centers_per_class", "axis_name"))
+@_checks.propagate_nonfinite(whole=("centers",))
 def soft_triple_loss(
     embeddings: jax.typing.ArrayLike,
     labels: jax.typing.ArrayLike,

@@ -7,11 +7,12 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from dml_jax import distances, parallel
+from dml_jax import _checks, distances, parallel
 from dml_jax.losses import _batch
 
 
 @functools.partial(jax.jit, static_argnames=("axis_name",))
+@_checks.propagate_nonfinite()
 def supcon_loss(
     embeddings: jax.typing.ArrayLike,
     labels: jax.typing.ArrayLike,

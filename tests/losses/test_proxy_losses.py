@@ -290,6 +290,29 @@ def test_every_row_masked_gives_zero(case):
 
 
 @pytest.mark.parametrize("case", ONE_EACH, ids=ONE_EACH_IDS)
+def test_nonfinite_input_gives_nan_unless_masked(case):
+    name = case[1]
+    e, y, p = batch(8, name)
+    where = np.ones(B, bool)
+    where[3] = False
+    clean_value, (clean_ge, clean_gp) = grads(name, e, y, p, where=where)
+    for bad in (np.nan, np.inf):
+        e_bad = e.copy()
+        e_bad[3] = bad  # a masked row takes no part, whatever it holds
+        value, (g_e, g_p) = grads(name, e_bad, y, p, where=where)
+        assert float(value) == float(clean_value)
+        np.testing.assert_array_equal(g_e, clean_ge)
+        np.testing.assert_array_equal(g_p, clean_gp)
+        e_bad[3] = e[3]
+        e_bad[5, 1] = bad  # a valid row does not
+        assert not np.isfinite(grads(name, e_bad, y, p, where=where)[0])
+        if has_param(name):
+            p_bad = p.copy()
+            p_bad[1, 0] = bad
+            assert not np.isfinite(grads(name, e, y, p_bad, where=where)[0])
+
+
+@pytest.mark.parametrize("case", ONE_EACH, ids=ONE_EACH_IDS)
 def test_bfloat16_input_computes_in_float32(case):
     name = case[1]
     e, y, p = batch(6, name)
