@@ -1,37 +1,47 @@
 # The two set-up commands of the README: `make demo` and `make test`. Both create .venv on a
-# fresh machine and install what they need; later runs reuse it until setup.cfg changes.
+# fresh machine; `make demo` installs only what the demo needs (the core + the `train` extra),
+# `make test` adds every extra, torch and the test tools. Later runs reuse .venv until
+# setup.cfg changes.
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 # A CPU build of torch for the `convert` extra (weight import tests). On this project's machines
 # the CPU wheel of 2.13.0 lies on disk; elsewhere set TORCH_SPEC to what suits the machine.
 TORCH_SPEC ?= torch==2.13.0
-STAMP  := $(VENV)/.installed
+DEMO_STAMP := $(VENV)/.installed-demo
+TEST_STAMP := $(VENV)/.installed-test
 WORKDIR ?= workdirs/digits
 PYTEST_ARGS ?=
 
 .PHONY: install test demo lint bench clean
 
-$(STAMP): setup.cfg pyproject.toml
+$(VENV)/.created:
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	touch $@
+
+$(DEMO_STAMP): setup.cfg pyproject.toml $(VENV)/.created
+	$(PY) -m pip install -q -e ".[train]"
+	touch $@
+
+$(TEST_STAMP): setup.cfg pyproject.toml $(VENV)/.created
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[test,convert]"
-	touch $(STAMP)
+	$(PY) -m pip install -q -e ".[all,test,convert]"
+	touch $@ $(DEMO_STAMP)
 
-install: $(STAMP)
+install: $(TEST_STAMP)
 
-test: $(STAMP)
+test: $(TEST_STAMP)
 	$(PY) -m ruff check dml_jax experiments tests benchmarks
 	$(PY) -m pytest -n 2 --dist loadgroup $(PYTEST_ARGS)
 
-demo: $(STAMP)
+demo: $(DEMO_STAMP)
 	$(PY) experiments/main.py --config experiments/configs/digits.py --workdir $(WORKDIR)
 
-lint: $(STAMP)
+lint: $(TEST_STAMP)
 	$(PY) -m ruff check dml_jax experiments tests benchmarks
 
-bench: $(STAMP)
+bench: $(TEST_STAMP)
 	$(PY) -m pip install -q -e ".[bench]"
 	$(PY) benchmarks/losses.py
 

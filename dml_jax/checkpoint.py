@@ -7,6 +7,10 @@ silently resuming from weights it did not make.
 
 from __future__ import annotations
 
+from dml_jax import _extras
+
+_extras.require("dml_jax.checkpoint", "train", "orbax")
+
 import json
 import os
 from collections.abc import Iterable, Mapping

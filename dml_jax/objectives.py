@@ -19,6 +19,10 @@ out as consecutive pairs.
 
 from __future__ import annotations
 
+from dml_jax import _extras
+
+_extras.require("dml_jax.objectives", "train", "optax")
+
 import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from dml_jax import _extras
+
+_extras.require("dml_jax.plots", "train", "matplotlib", "sklearn")
+
 from collections.abc import Sequence
 
 import numpy as np

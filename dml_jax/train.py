@@ -17,6 +17,11 @@ continues exactly where it stopped.
 
 from __future__ import annotations
 
+from dml_jax import _extras
+
+_extras.require("dml_jax.train", "train", "flax", "optax", "orbax", "ml_collections", "tqdm",
+                "tensorboardX")
+
 import json
 import math
 import os

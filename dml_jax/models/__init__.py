@@ -15,6 +15,10 @@ Heads: :class:`EmbeddingHead`, :class:`Classifier`, :class:`MultiLevelHead`,
 :func:`freeze_batchnorm` + :func:`trainable_filter` implement frozen BatchNorm.
 """
 
+from dml_jax import _extras
+
+_extras.require("dml_jax.models", "models", "flax")
+
 from dml_jax.models._torch_state import StateDictReader, load_state_dict
 from dml_jax.models.batchnorm import FrozenParam, freeze_batchnorm, is_frozen, trainable_filter
 from dml_jax.models.embedding import EmbeddingModel
