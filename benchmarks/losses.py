@@ -8,8 +8,10 @@ layout instead, ``B / 2`` classes of two consecutive rows). For each loss it pri
 median time, the peer's (pytorch-metric-learning on torch CPU, configured to the same semantics
 where one exists), the speed-up ``peer / dml_jax``, the ratio to the matmul floor (``e @ e.T``
 and one ``[B, B] @ [B, D]``, forward+backward in JAX), the ratio to the plain contrastive loss
-on the same batch, and whether the two values agree. Needs the ``bench`` extra (torch,
-pytorch-metric-learning).
+on the same batch, and whether the two values agree. The losses on learned class parameters
+(``benchmarks/losses_proxy.py``: Proxy-Anchor, ProxyNCA, ArcFace, CosFace, SoftTriple) get one
+parameter row per class (SoftTriple: 10) and both sides differentiate it too. Needs the ``bench``
+extra (torch, pytorch-metric-learning).
 """
 
 from __future__ import annotations
@@ -34,15 +36,19 @@ from dml_jax import losses
 PAIR_LAYOUT = ("npair", "angular", "symm")
 
 
-def time_jax(fn: Callable, e: jax.Array, y: jax.Array, repeats: int) -> tuple[float, float]:
-    """Median seconds of jitted value_and_grad, and the loss value."""
-    step = jax.jit(jax.value_and_grad(fn))
-    value, grad = step(e, y)
+def time_jax(
+    fn: Callable, e: jax.Array, y: jax.Array, repeats: int, params: jax.Array | None = None
+) -> tuple[float, float]:
+    """Median seconds of jitted value_and_grad (for the embeddings, and for ``params`` when
+    given: ``fn(e, y, params)``), and the loss value."""
+    args = (e, y) if params is None else (e, y, params)
+    step = jax.jit(jax.value_and_grad(fn, argnums=0 if params is None else (0, 2)))
+    value, grad = step(*args)
     jax.block_until_ready(grad)
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
-        jax.block_until_ready(step(e, y))
+        jax.block_until_ready(step(*args))
         times.append(time.perf_counter() - t)
     return statistics.median(times), float(value)
 
@@ -136,6 +142,37 @@ def peers():
     return table
 
 
+def proxy_rows(args, e_np: np.ndarray, y_np: np.ndarray):
+    """Rows of the proxy / margin-softmax / pair-softmax losses, on a shared parameter array.
+
+    Yields ``(name, t_jax, t_peer or None, v_jax, v_peer or None)``.
+    """
+    from benchmarks.losses_proxy import PROXY_LOSSES
+
+    num_classes = int(y_np.max()) + 1
+    rng = np.random.default_rng(1)
+    e, y = jnp.asarray(e_np), jnp.asarray(y_np)
+    for name, (fn, make_peer, rows) in PROXY_LOSSES.items():
+        if args.only and name not in args.only:
+            continue
+        p_np = rng.normal(size=(num_classes * max(rows, 1), args.dim)).astype(np.float32)
+        t_jax, v_jax = time_jax(fn, e, y, args.repeats, params=jnp.asarray(p_np))
+        t_peer = v_peer = None
+        try:
+            import torch
+
+            loss_obj, attr, transposed = make_peer(num_classes, args.dim)
+        except ImportError:
+            yield name, t_jax, None, v_jax, None
+            continue
+        if attr is not None:
+            with torch.no_grad():
+                getattr(loss_obj, attr).copy_(torch.from_numpy(p_np.T.copy() if transposed
+                                                               else p_np))
+        t_peer, v_peer = time_torch(loss_obj, None, e_np, y_np, max(3, args.repeats // 3))
+        yield name, t_jax, t_peer, v_jax, v_peer
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=1024)
@@ -192,6 +229,14 @@ def main() -> None:
         name_shown = f"{name} (pairs)" if layout == "pairs" else name
         print(f"{name_shown:<26}{t_jax * 1e3:>11.1f}{peer_ms:>10}{speedup:>10}"
               f"{t_jax / floor:>9.2f}{t_jax / contrastive[layout]:>9.2f}{agree:>10}")
+    for name, t_jax, t_peer, v_jax, v_peer in proxy_rows(args, e_np, y_np):
+        peer_ms = speedup = agree = "-"
+        if t_peer is not None:
+            peer_ms, speedup = f"{t_peer * 1e3:.1f}", f"{t_peer / t_jax:.1f}x"
+            agree = "same" if abs(v_peer - v_jax) <= 1e-4 * max(1.0, abs(v_jax)) else (
+                f"{v_jax:.4g}/{v_peer:.4g}")
+        print(f"{name:<26}{t_jax * 1e3:>11.1f}{peer_ms:>10}{speedup:>10}"
+              f"{t_jax / floor:>9.2f}{t_jax / contrastive['pk']:>9.2f}{agree:>10}")
 
 
 if __name__ == "__main__":

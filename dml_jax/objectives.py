@@ -7,8 +7,8 @@ An objective is configured as data (``config.loss``)::
     classifier_weight: float     # weight of the softmax cross-entropy on the model's logits
 
 It says whether the model needs a classifier head (``needs_logits``), initialises the loss's
-own parameters (trained with the model, e.g. learned class centers) and state (updated by the
-loss, e.g. centers moved by ``update_centers``), and computes
+own parameters (trained with the model, e.g. learned class centers, proxies or classifier
+weights) and state (updated by the loss, e.g. centers moved by ``update_centers``), and computes
 ``total = metric loss + classifier_weight * CE`` (losses that hold a cross-entropy of their
 own, the DeMAL hybrid and the center-structured loss, get no second one).
 
@@ -105,6 +105,50 @@ def _centers_if(learned: bool):
     return init
 
 
+def _with_param(fn: Callable[..., jax.Array], key: str) -> Callable[..., Any]:
+    """``fn(e, y, params[key], **kwargs)``: a loss on a learned parameter array."""
+
+    def call(e, y, logits, params, state, **kwargs):
+        return fn(e, y, params[key], **kwargs), state
+
+    return call
+
+
+# Learned class parameters start as pytorch-metric-learning's inits, drawn from a fixed key.
+_INIT_KEY = 0
+
+
+def _normal_params(key: str, std: Callable[[int], float]):
+    """``{key: N(0, std(C)^2) [C, D]}``."""
+
+    def init(num_classes, dim, kwargs):
+        noise = jax.random.normal(jax.random.key(_INIT_KEY), (num_classes, dim), jnp.float32)
+        return {key: std(num_classes) * noise}
+
+    return init
+
+
+def _soft_triple_centers(num_classes, dim, kwargs):
+    """PML's ``kaiming_uniform_(a=sqrt(5))`` of ``fc [D, C*K]``: U(-1/sqrt(CK), 1/sqrt(CK))."""
+    rows = num_classes * int(kwargs.get("centers_per_class", 10))
+    bound = 1.0 / float(rows) ** 0.5
+    centers = jax.random.uniform(
+        jax.random.key(_INIT_KEY), (rows, dim), jnp.float32, -bound, bound
+    )
+    return {"centers": centers}
+
+
+def _unit(num_classes: int) -> float:
+    return 1.0
+
+
+def _normal_param_loss(
+    fn: Callable[..., jax.Array], key: str, std: Callable[[int], float]
+) -> LossSpec:
+    """A loss on one learned ``[C, D]`` array ``params[key]``, initialised N(0, std(C)^2)."""
+    return LossSpec(_with_param(fn, key), init_params=_normal_params(key, std))
+
+
 LOSSES: dict[str, LossSpec] = {
     "contrastive": _plain(losses.contrastive_loss),
     "triplet": _plain(losses.triplet_loss),
@@ -130,6 +174,19 @@ LOSSES: dict[str, LossSpec] = {
         init_params=_centers_if(True),
         init_state=_centers_if(False),
     ),
+    # Proxy / margin-softmax losses: their class parameters are trained with the model.
+    # Proxy-Anchor: kaiming normal, fan_out = C; the others: standard normal (PML's inits).
+    "proxy_anchor": _normal_param_loss(
+        losses.proxy_anchor_loss, "proxies", lambda c: (2 / c) ** 0.5
+    ),
+    "proxy_nca": _normal_param_loss(losses.proxy_nca_loss, "proxies", _unit),
+    "arcface": _normal_param_loss(losses.arcface_loss, "weights", _unit),
+    "cosface": _normal_param_loss(losses.cosface_loss, "weights", _unit),
+    "soft_triple": LossSpec(
+        _with_param(losses.soft_triple_loss, "centers"), init_params=_soft_triple_centers
+    ),
+    "supcon": _plain(losses.supcon_loss),
+    "circle": _plain(losses.circle_loss),
 }
 
 
