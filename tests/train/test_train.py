@@ -117,7 +117,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypa
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"loss_name": "arcface"}, "Unknown loss 'arcface'"),
+        ({"loss_name": "no_such_loss"}, "Unknown loss 'no_such_loss'"),
         ({"classes_per_batch": 11}, "classes_per_batch <= 10"),
         ({"num_steps": 0}, "num_steps must be > 0"),
     ],
