@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 import numpy as np
 import pytest
@@ -91,7 +92,7 @@ def test_unreadable_image_names_its_path(folder):
     (root / "a_cls" / "4.png").write_bytes(b"garbage")
     source = image_folder(root)
     for path in (bad, root / "a_cls" / "4.png"):
-        with pytest.raises(ImageReadError, match=str(path)):
+        with pytest.raises(ImageReadError, match=re.escape(str(path))):
             source[source.paths.index(str(path))]
 
 
