@@ -56,12 +56,13 @@ def _check_size(image_size: int | None) -> None:
 def read_image(source: Any, index: int) -> images.ImageRef:
     """The undecoded image of record ``index`` (``source.read`` when the source offers it)."""
     reader = getattr(source, "read", None)
-    if reader is not None:
-        ref = reader(index)["image"]
-        if isinstance(ref, images.ImageRef):
-            return ref
-    else:
-        ref = source[index]["image"]
+    record = reader(index) if reader is not None else source[index]
+    if "image" not in record:
+        raise ValueError(f"{source!r} record {index} has no 'image' (keys {sorted(record)}): "
+                         "the batch pipeline reads image sources.")
+    ref = record["image"]
+    if isinstance(ref, images.ImageRef):
+        return ref
     return images.ImageRef(np.asarray(ref), f"{source!r} record {index}")
 
 
@@ -248,7 +249,7 @@ def _grain_iterator(fn: Callable[[int], dict], start: int, stop: int, *, worker_
     if worker_count < 0 or prefetch < 1:
         raise ValueError(f"`worker_count` must be >= 0 and `prefetch` >= 1; got "
                          f"{worker_count}, {prefetch}.")
-    threads = (1 if worker_count else 2) if threads is None else threads
+    threads = 2 if threads is None else threads
     dataset = grain.MapDataset.range(start, stop).map(fn).to_iter_dataset(
         grain.ReadOptions(num_threads=threads, prefetch_buffer_size=prefetch))
     if worker_count:
@@ -295,7 +296,7 @@ def train_batches(
       num_steps: stop after this many batches (default: never).
       augment: training augmentation (default :class:`~dml_jax.data.transforms.Augment`()).
       worker_count: grain worker processes (0: threads of this process).
-      threads: decoding threads per process (default 1 with workers, else 2).
+      threads: decoding threads per process (default 2: PIL decodes without the GIL).
       prefetch: batches prepared ahead per worker.
       skip_corrupt: replace an unreadable image by another record of its class (chosen from
         ``(seed, step, row)``, logged once, counted in ``iterator.skipped``); default: raise.
