@@ -39,7 +39,9 @@ class PKSampler:
                 f"classes_per_batch={classes_per_batch} but the data has only "
                 f"{self.classes.size} classes: lower P (config.classes_per_batch)."
             )
-        self._members = [np.flatnonzero(labels == c) for c in self.classes]
+        order = np.argsort(labels, kind="stable")
+        starts = np.searchsorted(labels[order], self.classes, side="left")
+        self._members = np.split(order, starts[1:])
         self.classes_per_batch = classes_per_batch
         self.samples_per_class = samples_per_class
         self.seed = seed
@@ -48,6 +50,13 @@ class PKSampler:
     def batch_size(self) -> int:
         """``P * K``."""
         return self.classes_per_batch * self.samples_per_class
+
+    def members(self, label: int) -> np.ndarray:
+        """Indices (ascending) of the records with ``label``."""
+        pos = int(np.searchsorted(self.classes, label))
+        if pos >= self.classes.size or self.classes[pos] != label:
+            raise ValueError(f"`label` {label} is not a label of the data.")
+        return self._members[pos]
 
     def batch_indices(self, step: int) -> np.ndarray:
         """Indices ``[P * K]`` of the batch of ``step``, grouped by class."""
