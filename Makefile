@@ -36,7 +36,7 @@ test: $(TEST_STAMP)
 	$(PY) -m pytest -n 2 --dist loadgroup $(PYTEST_ARGS)
 
 demo: $(DEMO_STAMP)
-	$(PY) experiments/main.py --config experiments/configs/digits.py --workdir $(WORKDIR)
+	$(PY) experiments/digits.py --workdir $(WORKDIR)
 
 lint: $(TEST_STAMP)
 	$(PY) -m ruff check dml_jax experiments tests benchmarks

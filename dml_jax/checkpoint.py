@@ -12,6 +12,7 @@ from dml_jax import _extras
 _extras.require("dml_jax.checkpoint", "train", "orbax")
 
 import json
+import math
 import os
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -62,19 +63,31 @@ def check_workdir_config(
 
 
 class Checkpointer:
-    """Saves and restores a pytree of arrays by step, keeping the last ``max_to_keep``.
+    """Saves and restores a pytree of arrays by step, keeping the last ``max_to_keep``, or,
+    with ``best_metric``, the ``max_to_keep`` best by that metric.
 
     Args:
       directory: where the step folders go.
-      max_to_keep: how many checkpoints to keep (oldest removed first).
+      max_to_keep: how many checkpoints to keep (oldest, or worst, removed first).
+      best_metric: keep the best checkpoints by this metric (passed to :meth:`save` as
+        ``metrics``) instead of the latest; orbax records the metrics with each step, so the
+        ranking survives a restart.
+      best_mode: ``"max"`` (default) or ``"min"``.
     """
 
-    def __init__(self, directory: str, *, max_to_keep: int = 3):
+    def __init__(self, directory: str, *, max_to_keep: int = 3, best_metric: str | None = None,
+                 best_mode: str = "max"):
         self.directory = os.path.abspath(directory)
-        self._manager = ocp.CheckpointManager(
-            self.directory,
-            options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
-        )
+        self.best_metric = best_metric
+        if best_mode not in ("max", "min"):
+            raise ValueError(f"`best_mode` must be 'max' or 'min'; got {best_mode!r}.")
+        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
+        if best_metric:
+            options = ocp.CheckpointManagerOptions(
+                max_to_keep=max_to_keep, create=True, best_mode=best_mode,
+                best_fn=lambda metrics: float(metrics[best_metric]),
+                keep_checkpoints_without_metrics=False)
+        self._manager = ocp.CheckpointManager(self.directory, options=options)
 
     def latest_step(self) -> int | None:
         """The newest saved step, or None."""
@@ -84,9 +97,25 @@ class Checkpointer:
         """Every saved step, ascending."""
         return sorted(self._manager.all_steps())
 
-    def save(self, step: int, state: Any, *, force: bool = False) -> None:
-        """Saves ``state`` under ``step`` (asynchronously; see :meth:`wait`)."""
-        self._manager.save(step, args=ocp.args.StandardSave(state), force=force)
+    def save(self, step: int, state: Any, *, force: bool = False,
+             metrics: Mapping[str, float] | None = None) -> None:
+        """Saves ``state`` under ``step`` (asynchronously; see :meth:`wait`).
+
+        Raises:
+          ValueError: ``best_metric`` is set but missing from ``metrics`` (naming the keys),
+            or is not a finite number (a NaN is never "best").
+        """
+        if self.best_metric:
+            if metrics is None or self.best_metric not in metrics:
+                raise ValueError(
+                    f"best_metric {self.best_metric!r} is not among the evaluation's metrics "
+                    f"{sorted(metrics or {})}: set config.best_metric to one of them.")
+            value = float(metrics[self.best_metric])
+            if not math.isfinite(value):
+                return
+            metrics = {self.best_metric: value}
+        self._manager.save(step, args=ocp.args.StandardSave(state), force=force,
+                           metrics=None if metrics is None else dict(metrics))
 
     def restore(self, step: int, like: Any) -> Any:
         """Restores step ``step`` into the structure, dtypes and shardings of ``like``."""

@@ -190,6 +190,12 @@ LOSSES: dict[str, LossSpec] = {
 }
 
 
+# Losses on anchor/positive pairs (rows 2k, 2k+1): the P x K batch needs K = 2.
+PAIR_LAYOUT_LOSSES = ("npair", "angular", "symmetric_triplet", "symmetric_lifted_structure",
+                      "symmetric_contrastive", "symmetric_multi_similarity", "symmetric_npair",
+                      "symmetric_angular", "symmetric_osm_caa")
+
+
 def get_spec(name: str) -> LossSpec:
     """The :class:`LossSpec` of ``name``; ``ValueError`` listing the known names otherwise."""
     if name not in LOSSES:

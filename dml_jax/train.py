@@ -1,18 +1,21 @@
 """Training and evaluation: ``train_and_evaluate(config, workdir)``.
 
 Data flows one way: config -> data -> model -> loss -> train step -> evaluation -> metrics and
-plots. The train step is a pure function under ``jax.jit`` over a ``Mesh`` of every device with
-a ``('data',)`` axis: the batch is sharded over it, the state replicated, and the loss (and
-BatchNorm statistics) computed on the global batch by XLA. The state is donated.
+plots. The data come only through :mod:`dml_jax.data` (a source chosen by
+``config.dataset.name``, P x K training batches and padded evaluation batches, uint8 images
+normalised on the device). The train step is a pure function under ``jax.jit`` over a ``Mesh``
+of every device with a ``('data',)`` axis: the batch is sharded over it, the state replicated,
+and the loss (and BatchNorm statistics) computed on the global batch by XLA. The state is
+donated.
 
 The state is a plain pytree::
 
     {"step": int32 [], "params": {"model": nnx.State, "loss": dict (e.g. learned centers)},
      "rest": nnx.State (BatchNorm statistics, frozen parameters), "opt_state": optax state,
-     "loss_state": dict (e.g. moved centers), "rng": uint32 [2]}
+     "loss_state": dict (e.g. moved centers)}
 
-Checkpoints (orbax) hold it whole; the P x K sampler's position is the step, so a resumed run
-continues exactly where it stopped.
+Checkpoints (orbax) hold it whole; the P x K batch of a step is a pure function of the seed and
+the step, so a resumed run continues exactly where it stopped.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import math
 import os
 import signal
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import jax
@@ -39,27 +42,67 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from dml_jax import checkpoint, evaluation, objectives
-from dml_jax.data import PKSampler, Split, load_digits
+from dml_jax import checkpoint, data, objectives, optim
+from dml_jax.data.normalize import CONVENTIONS
+from dml_jax.evaluation import suite
 from dml_jax.models import build_model
 
 # Keys a resumed run may change (everything else must match the checkpoints' config).
-RESUMABLE_KEYS = ("num_steps", "eval_every", "log_every", "checkpoint_every", "progress_bar",
-                  "plots", "eval_raw_baseline", "nan_policy", "nan_max_consecutive_skips")
+RESUMABLE_KEYS = ("num_steps", "num_epochs", "eval_every", "log_every", "checkpoint_every",
+                  "progress_bar", "plots", "nan_policy", "nan_max_consecutive_skips", "evals",
+                  "eval_ks", "eval_batch_size", "best_metric")
+# Entries of config.dataset for the input pipeline; the others go to the source's factory.
+PIPELINE_KEYS = ("image_size", "skip_corrupt", "worker_count", "threads", "prefetch",
+                 "resize_ratio")
+# Entries of config.model for the train step; the others go to build_model.
+STEP_KEYS = ("input_convention", "dtype")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 # --------------------------------------------------------------------------------------------
-# Configuration checks
+# Configuration
 
 
-def validate_config(config: ml_collections.ConfigDict, train: Split, num_devices: int) -> None:
+def source_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """``config.dataset`` without the pipeline's entries: what the source factory takes."""
+    return {k: v for k, v in config.dataset.to_dict().items() if k not in PIPELINE_KEYS}
+
+
+def pipeline_option(config: ml_collections.ConfigDict, key: str, default: Any) -> Any:
+    """An input-pipeline entry of ``config.dataset`` (see ``PIPELINE_KEYS``)."""
+    return config.dataset.get(key, default)
+
+
+def step_option(config: ml_collections.ConfigDict, key: str, default: Any) -> Any:
+    """A train-step entry of ``config.model`` (see ``STEP_KEYS``)."""
+    return config.model.get(key, default)
+
+
+def total_steps(config: ml_collections.ConfigDict, num_records: int) -> int:
+    """``config.num_steps``, or ``ceil(num_epochs * N / (P * K))`` when ``num_epochs`` is set."""
+    epochs = config.get("num_epochs", 0) or 0
+    if epochs:
+        batch = config.classes_per_batch * config.samples_per_class
+        return max(1, math.ceil(float(epochs) * num_records / batch))
+    return int(config.num_steps)
+
+
+def validate_config(config: ml_collections.ConfigDict, train_source: Any,
+                    num_devices: int) -> None:
     """Refuses a bad configuration before any training, saying what to change.
 
     Raises:
-      ValueError: unknown loss, ``P * K`` not divisible by the device count, more classes per
-        batch than the data has, non-positive step counts, or an unknown ``nan_policy``.
+      ValueError: unknown loss, evaluation or input convention; a pair-layout loss without
+        ``samples_per_class = 2``; ``P * K`` not divisible by the device count; more classes
+        per batch than the data has; non-positive step counts; an unknown ``nan_policy``.
+      FileNotFoundError: ``config.model.pretrained`` names a file that does not exist.
     """
     objectives.get_spec(config.loss.name)
+    if config.loss.name in objectives.PAIR_LAYOUT_LOSSES and config.samples_per_class != 2:
+        raise ValueError(
+            f"The {config.loss.name!r} loss works on anchor/positive pairs (rows 2k, 2k+1): "
+            f"set config.samples_per_class = 2 (got {config.samples_per_class})."
+        )
     batch = config.classes_per_batch * config.samples_per_class
     if batch % num_devices:
         raise ValueError(
@@ -67,22 +110,41 @@ def validate_config(config: ml_collections.ConfigDict, train: Split, num_devices
             f"{config.samples_per_class} = {batch} rows cannot be split over {num_devices} "
             f"devices: choose P and K so that P * K is a multiple of {num_devices}."
         )
-    if config.classes_per_batch > train.num_classes:
+    num_classes = len(train_source.classes)
+    if config.classes_per_batch > num_classes:
         raise ValueError(
             f"classes_per_batch={config.classes_per_batch} but the training data has only "
-            f"{train.num_classes} classes: set config.classes_per_batch <= {train.num_classes}."
+            f"{num_classes} classes: set config.classes_per_batch <= {num_classes}."
         )
-    for key in ("num_steps", "eval_every", "log_every", "checkpoint_every"):
+    for key in ("eval_every", "log_every", "checkpoint_every"):
         if int(config[key]) <= 0:
             raise ValueError(f"config.{key} must be > 0; got {config[key]}.")
+    if not config.get("num_epochs", 0) and int(config.num_steps) <= 0:
+        raise ValueError(f"config.num_steps must be > 0; got {config.num_steps}.")
+    suite.check(tuple(config.get("evals", ("retrieval",))))
+    convention = step_option(config, "input_convention", "imagenet")
+    if convention not in CONVENTIONS:
+        raise ValueError(f"config.model.input_convention must be one of {CONVENTIONS}; "
+                         f"got {convention!r}.")
+    if step_option(config, "dtype", "float32") not in DTYPES:
+        raise ValueError(f"config.model.dtype must be one of {sorted(DTYPES)}; got "
+                         f"{step_option(config, 'dtype', 'float32')!r}.")
+    pretrained = config.model.get("pretrained")
+    if pretrained and not os.path.exists(pretrained):
+        raise FileNotFoundError(
+            f"config.model.pretrained = {pretrained!r}: no such file. Nothing is downloaded: "
+            "get the backbone's weights as docs/models.md says (torchvision / Cadene / timm "
+            "state dicts) and point the config at the file, or set "
+            "config.model.pretrained = '' to start from random weights."
+        )
     NonFiniteGuard(config.get("nan_policy", "stop"), config.get("nan_max_consecutive_skips", 10))
 
 
-def load_data(config: ml_collections.ConfigDict) -> tuple[Split, Split]:
-    """The ``(train, test)`` splits named by ``config.dataset``."""
-    if config.dataset.name == "digits":
-        return load_digits(test_fraction=config.dataset.test_fraction, seed=config.dataset.seed)
-    raise ValueError(f"Unknown dataset {config.dataset.name!r}; known: 'digits'.")
+def load_sources(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The sources of ``config.dataset``: ``"train"`` and each split the evaluations need."""
+    options = source_options(config)
+    names = ("train", *suite.required_splits(tuple(config.get("evals", ("retrieval",)))))
+    return {split: data.get_source(options, split) for split in dict.fromkeys(names)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -94,39 +156,27 @@ def make_mesh() -> Mesh:
     return Mesh(np.asarray(jax.devices()), ("data",))
 
 
-def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-    """AdamW (or SGD with momentum) with linear warm-up and cosine decay."""
-    opt = config.optimizer
-    schedule = optax.warmup_cosine_decay_schedule(
-        init_value=0.0,
-        peak_value=opt.learning_rate,
-        warmup_steps=min(opt.warmup_steps, max(config.num_steps - 1, 1)),
-        decay_steps=config.num_steps,
-        end_value=opt.learning_rate * opt.final_lr_fraction,
-    )
-    if opt.name == "adamw":
-        tx = optax.adamw(schedule, weight_decay=opt.weight_decay)
-    elif opt.name == "sgd":
-        tx = optax.chain(
-            optax.add_decayed_weights(opt.weight_decay), optax.sgd(schedule, momentum=0.9)
-        )
-    else:
-        raise ValueError(f"Unknown optimizer {opt.name!r}; known: 'adamw', 'sgd'.")
-    if opt.get("grad_clip_norm"):
-        tx = optax.chain(optax.clip_by_global_norm(opt.grad_clip_norm), tx)
-    return tx
+def make_optimizer(config: ml_collections.ConfigDict,
+                   num_steps: int | None = None) -> optax.GradientTransformation:
+    """The optimizer of ``config.optimizer`` over ``num_steps`` (default ``config.num_steps``);
+    see :mod:`dml_jax.optim` (groups, multipliers, schedules)."""
+    return optim.make_optimizer(config.optimizer.to_dict(),
+                                int(config.num_steps if num_steps is None else num_steps))
 
 
 def _model_config(config: ml_collections.ConfigDict, num_classes: int) -> dict[str, Any]:
-    model_cfg = dict(config.model.to_dict())
+    model_cfg = {k: v for k, v in config.model.to_dict().items() if k not in STEP_KEYS}
+    if not model_cfg.get("pretrained"):
+        model_cfg.pop("pretrained", None)
     spec = objectives.get_spec(config.loss.name)
-    if spec.needs_logits or config.loss.classifier_weight > 0:
+    evals = tuple(config.get("evals", ("retrieval",)))
+    if spec.needs_logits or config.loss.classifier_weight > 0 or suite.needs_logits(evals):
         model_cfg["num_classes"] = num_classes
     return model_cfg
 
 
 def create_state(config, num_classes: int, tx: optax.GradientTransformation):
-    """Builds the model and the initial train state.
+    """Builds the model (with its pretrained backbone, if configured) and the train state.
 
     Returns:
       ``(graphdefs, state)``: ``graphdefs`` = ``{"train": ..., "eval": ...}`` (the model's
@@ -149,7 +199,6 @@ def create_state(config, num_classes: int, tx: optax.GradientTransformation):
         "rest": rest,
         "opt_state": tx.init(params),
         "loss_state": loss_state,
-        "rng": jax.random.PRNGKey(config.seed + 1),
     }
     return {"train": graphdef_train, "eval": graphdef_eval}, state
 
@@ -166,8 +215,24 @@ def all_finite(tree: Any) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
 
 
-def make_train_step(graphdef, loss_config: Mapping[str, Any], tx: optax.GradientTransformation):
-    """``train_step(state, images [B, H, W, C], labels [B]) -> (state, metrics)`` (pure).
+def _model_input(images: jax.Array, convention: str, dtype: str) -> jax.Array:
+    """uint8 ``[B, H, W, 3]`` -> the model's input (normalised on the device, in ``dtype``)."""
+    return data.normalize(images, convention).astype(DTYPES[dtype])
+
+
+def _cast_floats(tree: Any, dtype: Any) -> Any:
+    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating)
+                        else x, tree)
+
+
+def make_train_step(graphdef, loss_config: Mapping[str, Any], tx: optax.GradientTransformation,
+                    *, input_convention: str = "unit", dtype: str = "float32"):
+    """``train_step(state, images uint8 [B, H, W, 3], labels [B]) -> (state, metrics)`` (pure).
+
+    The images are normalised on the device (``input_convention``, see
+    :func:`dml_jax.data.normalize`). With ``dtype="bfloat16"`` the model computes in bfloat16
+    from float32 parameters (cast per step; the gradients and the optimizer stay float32, so
+    no loss scaling is needed) and the loss arithmetic is float32.
 
     A step whose loss, global gradient norm or updated state is not finite is not committed:
     the returned state is the input state with only ``step`` advanced, and
@@ -175,13 +240,19 @@ def make_train_step(graphdef, loss_config: Mapping[str, Any], tx: optax.Gradient
     says). So a non-finite update never reaches the parameters, the optimizer state or the
     BatchNorm statistics, and no checkpoint can hold one.
     """
+    compute_dtype = DTYPES[dtype]
 
     def train_step(state, images, labels):
+        x = _model_input(images, input_convention, dtype)
+
         def loss_fn(params):
-            model = nnx.merge(graphdef, params["model"], state["rest"], copy=True)
-            embeddings, aux = model(images)
+            model_params = _cast_floats(params["model"], compute_dtype)
+            model = nnx.merge(graphdef, model_params, state["rest"], copy=True)
+            embeddings, aux = model(x)
+            logits = aux.get("logits")
             total, parts, loss_state = objectives.compute(
-                loss_config, embeddings, labels, aux.get("logits"), params["loss"],
+                loss_config, embeddings.astype(jnp.float32), labels,
+                None if logits is None else logits.astype(jnp.float32), params["loss"],
                 state["loss_state"],
             )
             rest = nnx.state(model, nnx.Not(nnx.Param))
@@ -190,6 +261,7 @@ def make_train_step(graphdef, loss_config: Mapping[str, Any], tx: optax.Gradient
         (loss, (parts, rest, loss_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             state["params"]
         )
+        rest = jax.tree.map(lambda new, old: new.astype(old.dtype), rest, state["rest"])
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         grad_norm = optax.global_norm(grads)
@@ -198,49 +270,84 @@ def make_train_step(graphdef, loss_config: Mapping[str, Any], tx: optax.Gradient
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & all_finite(update)
         kept = jax.tree.map(lambda new, old: jnp.where(finite, new, old), update,
                             {k: state[k] for k in update})
-        new_state = {"step": state["step"] + 1, **kept, "rng": state["rng"]}
+        new_state = {"step": state["step"] + 1, **kept}
         metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite, **parts}
         return new_state, metrics
 
     return train_step
 
 
-def make_embed_fn(graphdef):
-    """``embed(params, rest, images) -> embeddings [B, E]`` in eval mode (pure)."""
+def make_embed_fn(graphdef, *, input_convention: str = "unit", dtype: str = "float32"):
+    """``embed(params, rest, images uint8 [B, H, W, 3]) -> (embeddings [B, E] f32, logits
+    [B, C] f32 or None)`` in eval mode (pure)."""
+    compute_dtype = DTYPES[dtype]
 
     def embed(params, rest, images):
-        model = nnx.merge(graphdef, params, rest, copy=True)
-        return model(images)[0]
+        x = _model_input(images, input_convention, dtype)
+        model = nnx.merge(graphdef, _cast_floats(params, compute_dtype), rest, copy=True)
+        embeddings, aux = model(x)
+        logits = aux.get("logits")
+        return (embeddings.astype(jnp.float32),
+                None if logits is None else logits.astype(jnp.float32))
 
     return embed
 
 
-def shard_batch(mesh: Mesh, array: np.ndarray) -> jax.Array:
-    """Places this process's rows of a global batch on the mesh, sharded over ``'data'``.
-
-    Every process computes the same global batch (the sampler is deterministic) and contributes
-    the rows of its own devices.
-    """
+def shard_rows(mesh: Mesh, local: np.ndarray) -> jax.Array:
+    """This process's rows ``[n, ...]`` of a global batch ``[n * process_count, ...]``, placed
+    on the mesh sharded over ``'data'`` (every process contributes its own rows)."""
     sharding = NamedSharding(mesh, P("data"))
-    n_proc, proc = jax.process_count(), jax.process_index()
-    rows = array.shape[0] // n_proc
-    local = array[proc * rows : (proc + 1) * rows]
-    return jax.make_array_from_process_local_data(sharding, local, array.shape)
+    shape = (local.shape[0] * jax.process_count(), *local.shape[1:])
+    return jax.make_array_from_process_local_data(sharding, local, shape)
 
 
-def embed_dataset(embed, state, mesh: Mesh, images: np.ndarray, batch_size: int) -> np.ndarray:
-    """Embeddings ``[N, E]`` of ``images`` in fixed-size padded batches (one compilation)."""
-    n = images.shape[0]
-    batch_size = int(math.ceil(batch_size / mesh.size) * mesh.size)
-    out = []
-    for start in range(0, n, batch_size):
-        chunk = images[start : start + batch_size]
-        pad = batch_size - chunk.shape[0]
-        if pad:
-            chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), chunk.dtype)])
-        emb = embed(state["params"]["model"], state["rest"], shard_batch(mesh, chunk))
-        out.append(np.asarray(jax.device_get(emb))[: batch_size - pad])
-    return np.concatenate(out)
+def _eval_batch_size(config: ml_collections.ConfigDict, mesh: Mesh) -> int:
+    size = int(config.get("eval_batch_size", 256))
+    return int(math.ceil(size / mesh.size) * mesh.size)
+
+
+def embed_split(embed, state, mesh: Mesh, source: Any,
+                config: ml_collections.ConfigDict) -> suite.EmbeddedSplit:
+    """Embeds every record of ``source`` (streamed in fixed-shape padded batches; one
+    compilation) and returns them in index order.
+
+    Holds only the ``[N, E]`` embeddings (and ``[N, C]`` logits) on the host.
+    """
+    emb = logits = None
+    with data.eval_batches(
+        source, batch_size=_eval_batch_size(config, mesh),
+        image_size=pipeline_option(config, "image_size", 224),
+        resize_ratio=pipeline_option(config, "resize_ratio", 256 / 224),
+        worker_count=pipeline_option(config, "worker_count", 0),
+        threads=pipeline_option(config, "threads", None),
+        skip_corrupt=pipeline_option(config, "skip_corrupt", False),
+    ) as batches:
+        for batch in batches:
+            e, lg = embed(state["params"]["model"], state["rest"], shard_rows(mesh, batch["image"]))
+            # Every process gets the whole batch (replicated out_shardings) and the whole index.
+            e = np.asarray(jax.device_get(e))
+            index = np.asarray(multihost_gather(mesh, batch["index"]))
+            keep = index >= 0
+            if emb is None:
+                emb = np.zeros((len(source), e.shape[1]), np.float32)
+                if lg is not None:
+                    logits = np.zeros((len(source), lg.shape[1]), np.float32)
+            emb[index[keep]] = e[keep]
+            if lg is not None:
+                logits[index[keep]] = np.asarray(jax.device_get(lg))[keep]
+    return suite.EmbeddedSplit(
+        emb, np.asarray(source.labels), logits,
+        getattr(source, "person_ids", None), getattr(source, "camera_ids", None))
+
+
+def multihost_gather(mesh: Mesh, local: np.ndarray) -> np.ndarray:
+    """The global ``[n * process_count, ...]`` array of every process's rows, on every
+    process (a no-op copy in one process)."""
+    if jax.process_count() == 1:
+        return np.asarray(local)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(local, tiled=True))
 
 
 # --------------------------------------------------------------------------------------------
@@ -393,23 +500,52 @@ class _Preemption:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-def evaluate(embed, state, mesh, test: Split, config,
-             step: int) -> tuple[dict[str, float], np.ndarray]:
-    """Retrieval metrics of the held-out split against itself (self excluded), and the
-    held-out embeddings ``[N, E]`` they were computed from.
+def evaluate(embed, state, mesh: Mesh, sources: Mapping[str, Any],
+             config: ml_collections.ConfigDict,
+             step: int) -> tuple[dict[str, float], dict[str, suite.EmbeddedSplit]]:
+    """Runs ``config.evals`` on the embedded splits they need.
+
+    Returns the metrics and the embedded splits (``"test"`` feeds the final plot).
 
     Raises:
       FloatingPointError: the model produced non-finite embeddings (naming the step).
     """
-    emb = embed_dataset(embed, state, mesh, test.images, config.eval_batch_size)
-    bad = ~np.all(np.isfinite(emb), axis=1)
-    if bad.any():
-        raise FloatingPointError(
-            f"The model produced non-finite embeddings at step {step} ({int(bad.sum())} of "
-            f"{len(emb)} held-out rows have NaN or inf); its parameters are finite, so look at "
-            "the model's arithmetic (e.g. a normalisation of a zero vector) or its inputs."
-        )
-    return evaluation.retrieval_metrics(emb, test.labels, ks=tuple(config.eval_ks)), emb
+    names = tuple(config.get("evals", ("retrieval",)))
+    splits = {}
+    for split in suite.required_splits(names):
+        embedded = embed_split(embed, state, mesh, sources[split], config)
+        bad = ~np.all(np.isfinite(embedded.embeddings), axis=1)
+        if bad.any():
+            raise FloatingPointError(
+                f"The model produced non-finite embeddings at step {step} ({int(bad.sum())} of "
+                f"{len(bad)} {split!r} rows have NaN or inf); its parameters are finite, so "
+                "look at the model's arithmetic (e.g. a normalisation of a zero vector) or "
+                "its inputs."
+            )
+        splits[split] = embedded
+    options = {"ks": tuple(config.get("eval_ks", (1, 2, 4, 8))), "seed": config.seed}
+    return suite.run(names, splits, options), splits
+
+
+def _best_checkpointer(workdir: str, config: ml_collections.ConfigDict):
+    metric = config.get("best_metric", "")
+    if not metric:
+        return None
+    return checkpoint.Checkpointer(os.path.join(workdir, "checkpoints_best"), max_to_keep=1,
+                                   best_metric=metric,
+                                   best_mode=config.get("best_mode", "max"))
+
+
+def _train_iterator(config: ml_collections.ConfigDict, source: Any,
+                    start_step: int) -> Iterator[dict[str, np.ndarray]]:
+    return data.train_batches(
+        source, classes_per_batch=config.classes_per_batch,
+        samples_per_class=config.samples_per_class,
+        image_size=pipeline_option(config, "image_size", 224), seed=config.seed,
+        start_step=start_step, worker_count=pipeline_option(config, "worker_count", 0),
+        threads=pipeline_option(config, "threads", None),
+        prefetch=pipeline_option(config, "prefetch", 2),
+        skip_corrupt=pipeline_option(config, "skip_corrupt", False))
 
 
 def train_and_evaluate(
@@ -422,37 +558,40 @@ def train_and_evaluate(
     ``"preempted": True``); calling again continues the same run, e.g. to train in chunks from
     a notebook. SIGTERM does the same at the end of the current step.
 
-    Writes ``metrics.jsonl`` (one JSON line per log and evaluation, with ``"step"``),
-    TensorBoard events under ``tensorboard/``, checkpoints under ``checkpoints/``, and at the
-    end ``training_curves.png`` and ``embeddings_2d.png``.
+    Writes ``metrics.jsonl`` (one strict-JSON line per log and evaluation, with ``"step"``),
+    TensorBoard events under ``tensorboard/``, checkpoints under ``checkpoints/`` (and the best
+    by ``config.best_metric`` under ``checkpoints_best/``), and at the end
+    ``training_curves.png`` and ``embeddings_2d.png``.
 
     Returns:
-      ``{"step", "baseline": metrics of the raw inputs (when ``config.eval_raw_baseline``,
-      else None), "final": metrics of the trained
-      embedding, "preempted": bool}``.
+      ``{"step", "final": metrics of the last evaluation, "embeddings": the embedded test
+      split (an ``EmbeddedSplit``, or None when preempted), "preempted": bool}``.
 
     Raises:
       ValueError: a bad configuration (before training).
+      FileNotFoundError: a missing pretrained-weights file or data set (before training).
       checkpoint.ConfigMismatchError: ``workdir`` holds another configuration's checkpoints.
       FloatingPointError: a non-finite loss, gradient or update under ``nan_policy="stop"``
         (or more than ``nan_max_consecutive_skips`` in a row under ``"skip"``), or non-finite
         embeddings in evaluation; the state of the failed step is never committed, so every
         checkpoint on disk is finite and the last good one is kept.
     """
-    train, test = load_data(config)
+    sources = load_sources(config)
     mesh = make_mesh()
-    validate_config(config, train, mesh.size)
+    validate_config(config, sources["train"], mesh.size)
+    num_steps = total_steps(config, len(sources["train"]))
     is_main = jax.process_index() == 0
     os.makedirs(workdir, exist_ok=True)
     checkpoint.check_workdir_config(workdir, config.to_dict(), may_change=RESUMABLE_KEYS,
                                     write=is_main)
 
-    tx = make_optimizer(config)
-    graphdefs, state = create_state(config, train.num_classes, tx)
+    tx = make_optimizer(config, num_steps)
+    graphdefs, state = create_state(config, len(sources["train"].classes), tx)
     replicated = NamedSharding(mesh, P())
     state = jax.device_put(state, replicated)
     ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
                                    max_to_keep=config.keep_checkpoints)
+    best = _best_checkpointer(workdir, config)
     start = ckpt.latest_step()
     if start is not None:
         state = ckpt.restore(start, state)
@@ -460,64 +599,65 @@ def train_and_evaluate(
             print(f"Resumed from the checkpoint of step {start} in {ckpt.directory}.")
     step = int(state["step"])
 
+    step_kwargs = {"input_convention": step_option(config, "input_convention", "imagenet"),
+                   "dtype": step_option(config, "dtype", "float32")}
+    batch_sharding = NamedSharding(mesh, P("data"))
     train_step = jax.jit(
-        make_train_step(graphdefs["train"], config.loss.to_dict(), tx),
-        in_shardings=(replicated, NamedSharding(mesh, P("data")), NamedSharding(mesh, P("data"))),
+        make_train_step(graphdefs["train"], config.loss.to_dict(), tx, **step_kwargs),
+        in_shardings=(replicated, batch_sharding, batch_sharding),
         out_shardings=(replicated, replicated),
         donate_argnums=0,
     )
-    embed = jax.jit(make_embed_fn(graphdefs["eval"]), out_shardings=replicated)
-    sampler = PKSampler(train.labels, config.classes_per_batch, config.samples_per_class,
-                        seed=config.seed)
+    embed = jax.jit(make_embed_fn(graphdefs["eval"], **step_kwargs), out_shardings=replicated)
+    batch_size = config.classes_per_batch * config.samples_per_class
     metrics_log = MetricsLog(workdir, enabled=is_main)
-    baseline = None
-    if config.get("eval_raw_baseline", False):  # retrieval on the flattened inputs themselves
-        baseline = evaluation.retrieval_metrics(
-            test.images.reshape(len(test.labels), -1), test.labels, ks=tuple(config.eval_ks)
-        )
 
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=config.num_steps, initial=step, disable=not (is_main and config.progress_bar),
+    bar = tqdm(total=num_steps, initial=step, disable=not (is_main and config.progress_bar),
                desc="train", unit="step", dynamic_ncols=True)
     history: list[float] = []
     last_good = ckpt.latest_step()
     tick, tick_step = time.perf_counter(), step
     preempted = False
     final: dict[str, float] = {}
-    final_emb = None
+    embedded: dict[str, suite.EmbeddedSplit] = {}
     nan_guard = NonFiniteGuard(config.get("nan_policy", "stop"),
                                config.get("nan_max_consecutive_skips", 10))
+    batches = _train_iterator(config, sources["train"], step) if step < num_steps else None
     try:
         with _Preemption() as preemption:
-            while step < config.num_steps:
-                idx = sampler.batch_indices(step)
-                images = shard_batch(mesh, train.images[idx])
-                state, metrics = train_step(state, images, shard_batch(mesh, train.labels[idx]))
+            while step < num_steps:
+                batch = next(batches)
+                state, metrics = train_step(state, shard_rows(mesh, batch["image"]),
+                                            shard_rows(mesh, batch["label"]))
                 step += 1
                 status = nan_guard.check(metrics)
                 if status == "ok":
                     history.append(float(metrics["loss"]))
                 bar.update(1)
-                if step % config.log_every == 0 or step == config.num_steps or status == "stop":
+                if step % config.log_every == 0 or step == num_steps or status == "stop":
                     now = time.perf_counter()
-                    rate = (step - tick_step) * sampler.batch_size / max(now - tick, 1e-9)
+                    rate = (step - tick_step) * batch_size / max(now - tick, 1e-9)
                     tick, tick_step = now, step
                     values = {k: float(v) for k, v in metrics.items() if k != "finite"}
                     values["loss"] = float(np.mean(history)) if history else float("nan")
                     values["images_per_sec"] = rate
                     values["skipped_steps"] = nan_guard.skipped
+                    values["skipped_images"] = batches.skipped
                     history.clear()
                     metrics_log.write(step, values, "train")
                     bar.set_postfix(loss=f"{values['loss']:.4f}", img_s=f"{rate:.0f}")
                 if status == "stop":
                     raise nan_guard.error(step, metrics, last_good, ckpt.directory)
-                if step % config.eval_every == 0 or step == config.num_steps:
-                    final, final_emb = evaluate(embed, state, mesh, test, config, step)
+                if step % config.eval_every == 0 or step == num_steps:
+                    final, embedded = evaluate(embed, state, mesh, sources, config, step)
                     metrics_log.write(step, final, "eval")
                     bar.write(f"step {step}: " + ", ".join(
-                        f"{k}={v:.4f}" for k, v in final.items() if k != "num_queries"))
-                if step % config.checkpoint_every == 0 or step == config.num_steps:
+                        f"{k}={v:.4f}" for k, v in final.items() if "num_queries" not in k))
+                    if best is not None:
+                        best.save(step, state, metrics=final)
+                if step % config.checkpoint_every == 0 or step == num_steps:
                     ckpt.save(step, state)
                     last_good = step
                 if preemption.requested or step == stop_at_step:
@@ -530,25 +670,22 @@ def train_and_evaluate(
                     bar.write(f"{why}: saved a checkpoint at step {step} and stopped.")
                     break
     finally:
+        if batches is not None:
+            batches.close()
         bar.close()
         ckpt.close()
+        if best is not None:
+            best.close()
         metrics_log.close()
 
     if not preempted and not final:  # the run was already complete: evaluate it again
-        final, final_emb = evaluate(embed, state, mesh, test, config, step)
-    if is_main and not preempted and config.plots:
+        final, embedded = evaluate(embed, state, mesh, sources, config, step)
+    test = embedded.get("test") or next(iter(embedded.values()), None)
+    if is_main and not preempted and config.plots and test is not None:
         from dml_jax import plots
 
         plots.training_curves(read_metrics(workdir), os.path.join(workdir, "training_curves.png"))
-        plots.embedding_map(final_emb, test.labels, os.path.join(workdir, "embeddings_2d.png"),
-                            seed=config.seed)
-    return {"step": step, "baseline": baseline, "final": final, "preempted": preempted}
-
-
-def summary_table(baseline: Mapping[str, float], trained: Mapping[str, float],
-                  keys: tuple[str, ...] = ("recall@1", "map@r", "r_precision")) -> str:
-    """A plain-text table of raw-input vs trained retrieval metrics."""
-    lines = [f"{'held-out digits':<18}{'raw pixels':>12}{'trained':>12}"]
-    for k in keys:
-        lines.append(f"{k:<18}{baseline[k]:>12.4f}{trained[k]:>12.4f}")
-    return "\n".join(lines)
+        plots.embedding_map(test.embeddings, test.labels,
+                            os.path.join(workdir, "embeddings_2d.png"), seed=config.seed)
+    return {"step": step, "final": final, "embeddings": None if preempted else test,
+            "preempted": preempted}

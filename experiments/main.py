@@ -39,10 +39,7 @@ def main(argv):
         sys.exit(f"error: {e}")
     if jax.process_index() == 0 and not result["preempted"]:
         print()
-        if result["baseline"] is not None:
-            print(train.summary_table(result["baseline"], result["final"]))
-        else:
-            print(", ".join(f"{k}={v:.4f}" for k, v in result["final"].items()))
+        print(", ".join(f"{k}={v:.4f}" for k, v in result["final"].items()))
         print(f"\nworkdir: {FLAGS.workdir} (metrics.jsonl, training_curves.png, "
               "embeddings_2d.png, checkpoints/)")
 

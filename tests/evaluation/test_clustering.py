@@ -127,7 +127,7 @@ def test_kmeans_reaches_sklearn_inertia_on_heavily_overlapping_data(backend):
     from sklearn.cluster import KMeans
 
     for data_seed in range(4):
-        x, y = _blobs(8, 40, 6, 5.0, seed=data_seed)
+        x, _ = _blobs(8, 40, 6, 5.0, seed=data_seed)
         assign = kmeans(x, 8, seed=0, backend=backend)
         inertia = sum(float(np.sum((x[assign == c] - x[assign == c].mean(0)) ** 2))
                       for c in np.unique(assign))

@@ -15,8 +15,7 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from dml_jax import checkpoint, objectives, train
-from dml_jax.data import load_digits
+from dml_jax import checkpoint, data, objectives, train
 from tests._subprocess import REPO_ROOT
 from tests.train.test_train import CONFIG_PATH, tiny_config
 
@@ -51,7 +50,7 @@ def test_a_diverging_command_exits_nonzero_and_keeps_finite_checkpoints(tmp_path
            "--config.loss.classifier_weight=0", "--config.optimizer.learning_rate=1e12",
            "--config.optimizer.warmup_steps=1", "--config.num_steps=30",
            "--config.eval_every=25", "--config.checkpoint_every=2", "--config.log_every=1",
-           "--config.eval_raw_baseline=False", "--config.progress_bar=False",
+           "--config.progress_bar=False",
            "--config.plots=False", "--config.model.backbone_kwargs.widths=(8, 16)"]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO_ROOT, timeout=600,
                           env={**os.environ, "JAX_PLATFORMS": "cpu"})
@@ -77,9 +76,9 @@ def _poisoned_objective(config, bad_steps):
 
     Keyed on the batch's labels, not on a counter: a skipped step commits no loss state.
     """
-    digits, _ = load_digits()
-    sampler = train.PKSampler(digits.labels, config.classes_per_batch, config.samples_per_class,
-                              seed=config.seed)
+    digits = data.digits_source("train")
+    sampler = data.PKSampler(digits.labels, config.classes_per_batch, config.samples_per_class,
+                             seed=config.seed)
     bad_labels = jnp.asarray(np.stack([digits.labels[sampler.batch_indices(s)]
                                        for s in bad_steps]))
 
@@ -136,11 +135,13 @@ def test_a_skipped_batch_leaves_the_state_as_if_it_never_came():
     graphdefs, state0 = train.create_state(config, 10, tx)
     mesh = train.make_mesh()
     replicated = NamedSharding(mesh, P())
-    step_fn = jax.jit(train.make_train_step(graphdefs["train"], config.loss.to_dict(), tx))
-    digits, _ = load_digits()
-    sampler = train.PKSampler(digits.labels, 8, 4, seed=0)
+    step_fn = jax.jit(train.make_train_step(graphdefs["train"], config.loss.to_dict(), tx,
+                                            input_convention="unit"))
+    digits = data.digits_source("train")
+    sampler = data.PKSampler(digits.labels, 8, 4, seed=0)
     batches = [(digits.images[i], digits.labels[i]) for i in map(sampler.batch_indices, range(4))]
-    poisoned = (np.full_like(batches[2][0], np.nan), batches[2][1])
+    # normalize() takes float images on the 0-255 scale too: a NaN image poisons the step.
+    poisoned = (np.full(batches[2][0].shape, np.nan, np.float32), batches[2][1])
 
     def run(sequence):
         state = jax.device_put(jax.tree.map(jnp.array, state0), replicated)
@@ -169,11 +170,11 @@ def test_json_line_is_strict_json():
 
 def test_evaluation_names_nonfinite_embeddings():
     config = tiny_config()
-    _, test = load_digits()
+    sources = {"test": data.digits_source("test")}
 
     def embed(params, rest, images):  # a model whose output is NaN for every row
-        return jnp.full((images.shape[0], 4), jnp.nan)
+        return jnp.full((images.shape[0], 4), jnp.nan), None
 
     state = {"params": {"model": {}}, "rest": {}}
     with pytest.raises(FloatingPointError, match="non-finite embeddings at step 12"):
-        train.evaluate(embed, state, train.make_mesh(), test, config, 12)
+        train.evaluate(embed, state, train.make_mesh(), sources, config, 12)
