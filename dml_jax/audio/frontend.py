@@ -11,8 +11,9 @@
 computed in float32 with a periodic Hann window, a real FFT per frame and Slaney's mel
 filterbank (:func:`mel_filterbank`, built in NumPy). Padded waveforms: frame ``t`` covers
 samples ``[t * hop - n_fft // 2, t * hop + n_fft // 2)``, zero outside the signal, so the
-first :func:`num_frames` frames of a zero-padded utterance equal the frames of the utterance
-alone; :func:`frame_mask` marks them and :func:`normalize_utterance` normalises over them.
+first :func:`num_frames` frames of a zero-padded utterance are computed from the same samples
+as the frames of the utterance alone (equal up to float32 rounding, which depends on the
+batch's shape); :func:`frame_mask` marks them and :func:`normalize_utterance` normalises over them.
 """
 
 from __future__ import annotations

@@ -132,9 +132,10 @@ class TrainSpec:
 
 
 def _optimizer(spec: TrainSpec) -> optax.GradientTransformation:
+    steps = max(spec.steps, 2)
+    warmup = min(max(spec.warmup_steps, 1), steps - 1)
     lr = optax.warmup_cosine_decay_schedule(
-        0.0, spec.learning_rate, max(spec.warmup_steps, 1), max(spec.steps, 2),
-        end_value=0.01 * spec.learning_rate)
+        0.0, spec.learning_rate, warmup, steps, end_value=0.01 * spec.learning_rate)
     return optax.adamw(lr, weight_decay=spec.weight_decay)
 
 
@@ -158,7 +159,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, spec: TrainSpec)
     use_aug = bool(aug.pop("enabled", False))
 
     def forward(params, rest, x, mask, y):
-        model = nnx.merge(graphdef, params, rest)
+        model = nnx.merge(graphdef, params, rest, copy=True)  # fresh variables in this trace
         emb, aux = model(x, mask)
         _, _, new_rest = nnx.split(model, nnx.Param, ...)
         return loss_fn(emb, aux, y), new_rest
@@ -227,7 +228,7 @@ def embed(model: AudioEncoder, data: Data, *, batch_size: int = 128
 
     @jax.jit
     def fwd(state, x, mask):
-        emb, aux = nnx.merge(graphdef, state)(x, mask)
+        emb, aux = nnx.merge(graphdef, state, copy=True)(x, mask)
         return emb, aux.get("logits")
 
     embs, logits = [], []

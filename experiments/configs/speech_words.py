@@ -14,7 +14,7 @@ Rows (``--config ...speech_words.py:<row>``):
   ``data.resample`` / ``data.mix_stereo`` to accept other files); name the held-out and
   target speakers.
 
-A 2-D CNN encoder with attentive statistics pooling, multi-similarity loss on P x K = 16 x 4
+A 1-D temporal conv encoder with attentive statistics pooling, multi-similarity loss on P x K = 16 x 4
 batches, SpecAugment; fine-tuning on the target's enrolment utterances; the classifier
 baseline is the same encoder with cross-entropy. See docs/speech.md.
 """
@@ -45,8 +45,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     })
     c.features = ml_collections.ConfigDict({"n_mels": 40, "n_fft": 400, "hop_length": 160})
     c.model = ml_collections.ConfigDict({
-        "name": "audio_cnn2d",
-        "widths": (16, 32, 64),
+        "name": "audio_tcn1d",  # audio_cnn2d: the 2-D CNN (about 4x slower on CPU)
+        "widths": (96, 96, 96),
         "pooling": "attentive_stats",
         "embedding_dim": 128,
     })
