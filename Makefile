@@ -8,9 +8,11 @@ PY     := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 WORKDIR ?= workdirs/digits
+AUDIO_STAMP := $(VENV)/.installed-audio
+SPEECH_DATA ?= workdirs/data/spoken_words
 PYTEST_ARGS ?=
 
-.PHONY: install test demo lint bench clean
+.PHONY: install test demo demo-speech lint bench clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,6 +20,13 @@ $(STAMP): setup.cfg pyproject.toml
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e ".[test,convert]"
 	touch $(STAMP)
+
+# The speech demo installs only the package and its `audio` extra (no torch, no test tools).
+$(AUDIO_STAMP): setup.cfg pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	$(PY) -m pip install -q -e ".[audio]"
+	touch $(AUDIO_STAMP)
 
 install: $(STAMP)
 
@@ -27,6 +36,10 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) experiments/main.py --config experiments/configs/digits.py --workdir $(WORKDIR)
+
+demo-speech: $(AUDIO_STAMP)
+	$(PY) experiments/speech_words.py --config experiments/configs/speech_words.py \
+		--config.data.data_dir=$(SPEECH_DATA)
 
 lint: $(STAMP)
 	$(PY) -m ruff check dml_jax experiments tests benchmarks

@@ -3,7 +3,8 @@
 :func:`generate_spoken_words` writes, once, ``data_dir/<word>/<speaker>_<repetition>.wav``
 (16 kHz mono PCM-16, the layout :func:`dml_jax.audio.audio_folder` reads) and
 ``data_dir/manifest.csv`` (``path,word,speaker``), then a stamp file ``.complete`` holding the
-spec; a second call with the same spec does nothing.
+spec and the generator version; a second call with the same spec does nothing. The files are
+byte-identical on every run (see :class:`dml_jax.audio.espeak.Espeak`).
 
 * Speakers ``s01, s02, ...`` are eSpeak voices (an English accent + a voice variant), each with
   its own base rate, pitch and pitch range. Each says every word ``repetitions`` times with
@@ -29,6 +30,7 @@ import numpy as np
 
 SAMPLE_RATE = 16000
 STAMP = ".complete"
+GENERATOR_VERSION = 1  # bump when the files written for a spec change
 TARGET_SPEAKER = "target"
 
 WORDS = (
@@ -166,7 +168,8 @@ def generate_spoken_words(
     _check_spec(spec)
     root = Path(data_dir)
     stamp = root / STAMP
-    wanted = json.dumps(dataclasses.asdict(spec), sort_keys=True)
+    wanted = json.dumps({"version": GENERATOR_VERSION, **dataclasses.asdict(spec)},
+                        sort_keys=True)
     if stamp.is_file() and stamp.read_text() == wanted:
         return root
     import soundfile as sf

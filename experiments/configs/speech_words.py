@@ -31,7 +31,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.seed = 0
     c.data = ml_collections.ConfigDict({
         "source": row,
-        "data_dir": "data/spoken_words",  # embedded: where the set is generated
+        "data_dir": "workdirs/data/spoken_words",  # embedded: where the set is generated
         "root": "",  # folder: root/<word>/<speaker>_<n>.wav
         "manifest": "",  # source="manifest": a CSV path,word,speaker
         "unseen_speakers": ("s13", "s14", "s15", "s16") if row == "embedded" else (),
