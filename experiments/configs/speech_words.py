@@ -14,9 +14,9 @@ Rows (``--config ...speech_words.py:<row>``):
   ``data.resample`` / ``data.mix_stereo`` to accept other files); name the held-out and
   target speakers.
 
-A 1-D temporal conv encoder with attentive statistics pooling, multi-similarity loss on P x K = 16 x 4
-batches, SpecAugment; fine-tuning on the target's enrolment utterances; the classifier
-baseline is the same encoder with cross-entropy. See docs/speech.md.
+A 1-D temporal conv encoder with attentive statistics pooling, multi-similarity loss on
+P x K = 16 x 4 batches, SpecAugment; fine-tuning on the target's enrolment utterances; the
+classifier baseline is the same encoder with cross-entropy. See docs/speech.md.
 """
 
 import ml_collections

@@ -9,8 +9,8 @@ import pytest
 pytest.importorskip("espeakng_loader")
 pytest.importorskip("soundfile")
 
-from dml_jax.audio import audio_folder, audio_manifest  # noqa: E402
-from dml_jax.audio.spoken_words import STAMP, SpokenWordsSpec, generate_spoken_words  # noqa: E402
+from dml_jax.audio import audio_folder, audio_manifest
+from dml_jax.audio.spoken_words import STAMP, SpokenWordsSpec, generate_spoken_words
 
 TINY = SpokenWordsSpec(words=("yes", "no", "left", "right", "stop", "go"), num_speakers=5,
                        repetitions=3, target_repetitions=4)
@@ -42,9 +42,8 @@ def test_generation_is_deterministic_and_idempotent(tmp_path):
 
 
 def test_tiny_end_to_end_well_above_chance(tmp_path):
-    from experiments.configs.speech_words import get_config
-
     from dml_jax.audio import train_speech
+    from experiments.configs.speech_words import get_config
 
     c = get_config("embedded")
     c.data.data_dir = str(tmp_path / "words")
@@ -73,3 +72,24 @@ def test_tiny_end_to_end_well_above_chance(tmp_path):
         r"speech: unseen speakers DML \d\.\d{4} \(classifier \d\.\d{4}\), "
         r"target speaker DML \d\.\d{4} \(classifier \d\.\d{4}\)", line)
     assert (tmp_path / "wd" / "results.json").is_file()
+
+
+def test_folder_row_splits(tmp_path):
+    from dml_jax.audio.train_speech import load_splits
+    from experiments.configs.speech_words import get_config
+
+    spec = SpokenWordsSpec(words=("up", "down", "go"), num_speakers=3, repetitions=2,
+                           target_repetitions=3)
+    root = generate_spoken_words(tmp_path / "w", spec)
+    c = get_config("folder")
+    c.data.root = str(root)
+    c.data.unseen_speakers = ("s03",)
+    c.data.target_speaker = "target"
+    splits, words = load_splits(c)
+    assert words == ("down", "go", "up")
+    sizes = {k: v["labels"].shape[0] for k, v in splits.items()}
+    assert sizes == {"train": 12, "unseen": 6, "target_enrol": 6, "target_query": 3}
+    assert set(splits["train"]["speakers"]) == {"s01", "s02"}
+    assert set(splits["unseen"]["speakers"]) == {"s03"}
+    with pytest.raises(ValueError, match="row"):
+        get_config("nope")
