@@ -11,9 +11,11 @@ TORCH_SPEC ?= torch==2.13.0
 DEMO_STAMP := $(VENV)/.installed-demo
 TEST_STAMP := $(VENV)/.installed-test
 WORKDIR ?= workdirs/digits
+AUDIO_STAMP := $(VENV)/.installed-audio
+SPEECH_DATA ?= workdirs/data/spoken_words
 PYTEST_ARGS ?=
 
-.PHONY: install test demo lint bench clean
+.PHONY: install test demo demo-speech lint bench clean
 
 $(VENV)/.created:
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,7 +29,13 @@ $(DEMO_STAMP): setup.cfg pyproject.toml $(VENV)/.created
 $(TEST_STAMP): setup.cfg pyproject.toml $(VENV)/.created
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e ".[all,test,convert]"
-	touch $@ $(DEMO_STAMP)
+	touch $@ $(DEMO_STAMP) $(AUDIO_STAMP)
+
+# The speech demo installs only the package with its `train` and `audio` extras (no torch,
+# no test tools).
+$(AUDIO_STAMP): setup.cfg pyproject.toml $(VENV)/.created
+	$(PY) -m pip install -q -e ".[train,audio]"
+	touch $@
 
 install: $(TEST_STAMP)
 
@@ -37,6 +45,10 @@ test: $(TEST_STAMP)
 
 demo: $(DEMO_STAMP)
 	$(PY) experiments/digits.py --workdir $(WORKDIR)
+
+demo-speech: $(AUDIO_STAMP)
+	$(PY) experiments/speech_words.py --config experiments/configs/speech_words.py \
+		--config.data.data_dir=$(SPEECH_DATA)
 
 lint: $(TEST_STAMP)
 	$(PY) -m ruff check dml_jax experiments tests benchmarks

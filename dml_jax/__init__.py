@@ -7,6 +7,7 @@ Submodules:
   * :mod:`dml_jax.synthesis` -- symmetrical synthesis of hard samples (Gu & Ko, AAAI 2020).
   * :mod:`dml_jax.evaluation` -- retrieval, clustering, re-ID and classification metrics.
   * :mod:`dml_jax.models` -- Flax NNX model zoo and pretrained-weight import.
+  * :mod:`dml_jax.audio` -- speech front end, spoken-word sources, word recognition.
 """
 
 __version__ = "0.1.0"

@@ -45,7 +45,7 @@ def test_install_requires_is_the_core():
                 for r in config["options"]["install_requires"].splitlines() if r.strip()]
     assert sorted(requires) == ["jax", "numpy"]
     extras = config["options.extras_require"]
-    for extra in ("models", "train", "data", "eval", "all"):
+    for extra in ("models", "train", "data", "eval", "audio", "all"):
         assert extra in extras, extra
 
 

@@ -29,6 +29,8 @@ _BACKBONES: dict[str, str] = {
     "bninception": "dml_jax.models.bninception:BNInception",
     "vit_small_patch16_224": "dml_jax.models.vit:vit_small_patch16_224",
     "vit_base_patch16_224": "dml_jax.models.vit:vit_base_patch16_224",
+    "audio_cnn2d": "dml_jax.models.audio_encoder:AudioCNN2D",
+    "audio_tcn1d": "dml_jax.models.audio_encoder:AudioTCN1D",
 }
 
 # arch -> "module:converter" (converter(state: dict[str, np.ndarray], **options) -> backbone)
