@@ -26,6 +26,8 @@ from typing import Any, NamedTuple
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from dml_jax.data.source import register
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
 MARKET_FOLDERS = {"train": "bounding_box_train", "query": "query", "gallery": "bounding_box_test"}
 SPLITS = ("train", "query", "gallery")
@@ -391,3 +393,26 @@ def _int_dirs(folder: Path) -> list[Path]:
         except ValueError:
             raise ValueError(f"Folder {os.fspath(p)} is not named by an integer id.") from None
     return sorted(dirs, key=lambda p: int(p.name))
+
+
+# ---------------------------------------------------------------- registry
+
+
+@register("market1501")
+def _market1501_source(split: str, *, root: str) -> ReidImages:
+    """``config.dataset = {"name": "market1501", "root": ...}`` (see :func:`market1501`)."""
+    return market1501(root, split)
+
+
+@register("mars")
+def _mars_source(split: str, *, root: str, num_frames: int = 8, seed: int = 0) -> ReidTracklets:
+    """``config.dataset = {"name": "mars", "root": ..., "num_frames": 8}`` (see :func:`mars`)."""
+    return mars(root, split, num_frames=num_frames, seed=seed)
+
+
+@register("tracklet_folders")
+def _tracklet_folders_source(split: str, *, root: str, num_frames: int = 8,
+                             seed: int = 0) -> ReidTracklets:
+    """``config.dataset = {"name": "tracklet_folders", "root": ...}`` (see
+    :func:`tracklet_folders`)."""
+    return tracklet_folders(root, split, num_frames=num_frames, seed=seed)

@@ -159,6 +159,7 @@ FAMILY_MODULES: tuple[str, ...] = (
     "dml_jax.data.digits",
     "dml_jax.data.folders",
     "dml_jax.data.tfds_sources",
+    "dml_jax.data.reid",
 )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 import os
 import subprocess
 import sys
@@ -361,3 +362,36 @@ def test_command_prepares_and_reads_without_tensorflow(tmp_path):
     assert "train: 6 examples" in proc.stdout
     assert "uc_merced/2.0.0" in proc.stdout
     assert "tensorflow imported: False" in proc.stdout
+
+
+def test_a_prepared_cub_reads_through_tfds_source_and_the_registry(tmp_path):
+    """What `python -m dml_jax.data.prepare cub` writes is what the training loop reads."""
+    from dml_jax import data as dml_data
+
+    manual, prepared = tmp_path / "manual", tmp_path / "data"
+    manual.mkdir()
+    make_cub(manual, masks=False)
+    builders.prepare("cub", manual, prepared)
+    # The protocol's train split is classes 0-99 (here: every class of the tiny archive that
+    # is < 100, from TFDS's train then test split).
+    source = dml_data.get_source({"name": "caltech_birds2011", "data_dir": str(prepared)},
+                                 "train")
+    want = [im for im in CUB_IMAGES if im[0] - 1 < 100]
+    assert len(source) == len(want)
+    assert list(source.classes) == sorted({cls - 1 for cls, *_ in want})
+    record = source[0]
+    assert record["image"].dtype == np.uint8 and record["image"].shape[-1] == 3
+    cropped = dml_data.tfds_source("caltech_birds2011", "train", data_dir=str(prepared),
+                                   crop="bbox")
+    expected = []
+    for _, _, _, (w, h), _, (x, y, bw, bh) in want:
+        # TFDS stores the normalised box as float32; the crop rule applies to those values.
+        ymin, xmin = float(np.float32(y / h)), float(np.float32(x / w))
+        ymax = float(np.float32(min((y + bh) / h, 1.0)))
+        xmax = float(np.float32(min((x + bw) / w, 1.0)))
+        rows = math.ceil(ymax * h) - math.floor(ymin * h)
+        cols = math.ceil(xmax * w) - math.floor(xmin * w)
+        expected.append((rows, cols))
+    got = sorted(cropped[i]["image"].shape[:2] for i in range(len(cropped)))
+    assert got == sorted(expected)
+    assert got != sorted(source[i]["image"].shape[:2] for i in range(len(source)))
