@@ -131,7 +131,11 @@ def pairwise_f1(labels_true: jax.typing.ArrayLike, labels_pred: jax.typing.Array
 # --------------------------------------------------------------------------------------------
 
 
-KMeansInit = Literal["k-means++", "random"]
+KMeansInit = Literal["auto", "k-means++", "random"]
+# Above this many point-cluster pairs (N x K), k-means++'s K sequential passes over the data
+# cost more than the Lloyd iterations themselves (SOP: 60k x 11k): "auto" then starts from one
+# set of random distinct points, as pytorch-metric-learning's faiss k-means does.
+LARGE_KMEANS = 10**8
 
 
 @functools.partial(jax.jit, static_argnames=("num_clusters",))
@@ -246,8 +250,8 @@ def kmeans(
     *,
     seed: int = 0,
     num_iters: int = 20,
-    num_init: int = 3,
-    init: KMeansInit = "k-means++",
+    num_init: int | None = None,
+    init: KMeansInit = "auto",
     backend: KMeansBackend = "auto",
 ) -> np.ndarray:
     """k-means cluster assignments: the best of ``num_init`` Lloyd runs.
@@ -257,8 +261,10 @@ def kmeans(
       num_clusters: ``1 <= K <= N``.
       seed: seed of the initialisations (reproducible for fixed seed, backend and machine).
       num_iters: Lloyd iterations per run (20, as pytorch-metric-learning's ``FaissKMeans``).
-      num_init: runs from different seeds; the one of lowest inertia is returned. Default 3.
-      init: ``"k-means++"`` (default) or ``"random"`` (distinct points drawn uniformly).
+      num_init: runs from different seeds; the one of lowest inertia is returned. Default
+        (None): 3, or 1 when ``N x K > LARGE_KMEANS`` (1e8).
+      init: ``"k-means++"``, ``"random"`` (distinct points drawn uniformly) or ``"auto"``
+        (default: k-means++, or random when ``N x K > LARGE_KMEANS``).
       backend: ``"faiss"``, ``"jax"`` or ``"auto"`` (see the module docstring).
 
     Returns:
@@ -272,8 +278,13 @@ def kmeans(
         raise ValueError(f"`num_clusters` must be in [1, {x.shape[0]}]; got {k}.")
     if backend not in ("auto", "jax", "faiss"):
         raise ValueError(f"`backend` must be one of ('auto', 'jax', 'faiss'); got {backend!r}.")
-    if init not in ("k-means++", "random"):
-        raise ValueError(f"`init` must be 'k-means++' or 'random'; got {init!r}.")
+    if init not in ("auto", "k-means++", "random"):
+        raise ValueError(f"`init` must be 'auto', 'k-means++' or 'random'; got {init!r}.")
+    large = x.shape[0] * k > LARGE_KMEANS
+    if init == "auto":
+        init = "random" if large else "k-means++"
+    if num_init is None:
+        num_init = 1 if large else 3
     if int(num_init) < 1:
         raise ValueError(f"`num_init` must be >= 1; got {num_init}.")
     if backend == "auto":
@@ -294,8 +305,8 @@ def clustering_metrics(
     num_clusters: int | None = None,
     seed: int = 0,
     num_iters: int = 20,
-    num_init: int = 3,
-    init: KMeansInit = "k-means++",
+    num_init: int | None = None,
+    init: KMeansInit = "auto",
     backend: KMeansBackend = "auto",
 ) -> dict[str, float]:
     """NMI and pairwise F1 of k-means clusters of ``embeddings`` against ``labels``.
@@ -307,7 +318,7 @@ def clustering_metrics(
       seed: k-means seed.
       num_iters: Lloyd iterations per run.
       num_init: k-means runs; the one of lowest inertia is kept (see :func:`kmeans`).
-      init: ``"k-means++"`` (default) or ``"random"``.
+      init: ``"auto"`` (default), ``"k-means++"`` or ``"random"`` (see :func:`kmeans`).
       backend: k-means backend, see :func:`kmeans`.
 
     Returns:

@@ -144,3 +144,14 @@ def test_kmeans_plus_plus_seeds_are_distinct_even_with_duplicates():
     seeds = np.asarray(_kmeans_plus_plus(x, jax.random.key(0), num_clusters=5))
     assert len(set(seeds.tolist())) == 5
     assert len({tuple(x[i]) for i in seeds[:3]}) == 3  # the three distinct points come first
+
+
+def test_large_problems_fall_back_to_one_random_start(monkeypatch):
+    from dml_jax.evaluation import clustering
+
+    x, _ = _blobs(10, 30, 8, 0.3, seed=1)
+    random_one = kmeans(x, 10, seed=5, backend="jax", init="random", num_init=1)
+    plus_three = kmeans(x, 10, seed=5, backend="jax", init="k-means++", num_init=3)
+    np.testing.assert_array_equal(kmeans(x, 10, seed=5, backend="jax"), plus_three)
+    monkeypatch.setattr(clustering, "LARGE_KMEANS", x.shape[0] * 10 - 1)
+    np.testing.assert_array_equal(kmeans(x, 10, seed=5, backend="jax"), random_one)
