@@ -74,7 +74,7 @@ def get_config() -> ml_collections.ConfigDict:
     })
 
     c.num_steps = 1000  # training steps (ignored when num_epochs > 0)
-    c.num_epochs = 0  # > 0: num_steps = ceil(num_epochs * len(train) / (P * K))
+    c.num_epochs = 0.0  # > 0: num_steps = ceil(num_epochs * len(train) / (P * K))
     c.log_every = 50  # steps between train rows of metrics.jsonl
     c.eval_every = 500  # steps between evaluations (and at the end)
     c.checkpoint_every = 500  # steps between checkpoints (and at the end, and on SIGTERM)
