@@ -54,10 +54,12 @@ def training_curves(rows: Sequence[dict[str, float | None]], path: str) -> None:
 def embedding_map(embeddings: np.ndarray, labels: np.ndarray, path: str, *, seed: int = 0) -> None:
     """t-SNE of ``embeddings`` ``[N, E]`` coloured by ``labels`` ``[N]``, saved to ``path``."""
     from sklearn.manifold import TSNE
+    from threadpoolctl import threadpool_limits
 
     plt = _pyplot()
-    xy = TSNE(n_components=2, init="pca", perplexity=min(30.0, (len(labels) - 1) / 3),
-              random_state=seed).fit_transform(np.asarray(embeddings, np.float64))
+    with threadpool_limits(1):  # t-SNE of a few thousand points: threads only add contention
+        xy = TSNE(n_components=2, init="pca", perplexity=min(30.0, (len(labels) - 1) / 3),
+                  random_state=seed).fit_transform(np.asarray(embeddings, np.float64))
     fig, ax = plt.subplots(figsize=(5.2, 5))
     scatter = ax.scatter(xy[:, 0], xy[:, 1], c=labels, cmap="tab10", s=8)
     ax.legend(*scatter.legend_elements(), title="class", fontsize=7, loc="best")

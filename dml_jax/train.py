@@ -53,7 +53,7 @@ RESUMABLE_KEYS = ("num_steps", "num_epochs", "eval_every", "log_every", "checkpo
                   "eval_ks", "eval_batch_size", "best_metric")
 # Entries of config.dataset for the input pipeline; the others go to the source's factory.
 PIPELINE_KEYS = ("image_size", "skip_corrupt", "worker_count", "threads", "prefetch",
-                 "resize_ratio")
+                 "resize_ratio", "augment")
 # Entries of config.model for the train step; the others go to build_model.
 STEP_KEYS = ("input_convention", "dtype")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -536,13 +536,26 @@ def _best_checkpointer(workdir: str, config: ml_collections.ConfigDict):
                                    best_mode=config.get("best_mode", "max"))
 
 
+def train_augmentation(config: ml_collections.ConfigDict) -> data.Augment:
+    """``config.dataset.augment`` (the fields of :class:`dml_jax.data.Augment`: ``crop`` =
+    ``"random_resized"`` or ``"resize_random"``, ``scale``, ``ratio``, ``flip``), with
+    ``config.dataset.resize_ratio`` shared with evaluation."""
+    options = dict(pipeline_option(config, "augment", {}) or {})
+    options.setdefault("resize_ratio", pipeline_option(config, "resize_ratio", 256 / 224))
+    for key in ("scale", "ratio"):
+        if key in options:
+            options[key] = tuple(options[key])
+    return data.Augment(**options)
+
+
 def _train_iterator(config: ml_collections.ConfigDict, source: Any,
                     start_step: int) -> Iterator[dict[str, np.ndarray]]:
     return data.train_batches(
         source, classes_per_batch=config.classes_per_batch,
         samples_per_class=config.samples_per_class,
         image_size=pipeline_option(config, "image_size", 224), seed=config.seed,
-        start_step=start_step, worker_count=pipeline_option(config, "worker_count", 0),
+        start_step=start_step, augment=train_augmentation(config),
+        worker_count=pipeline_option(config, "worker_count", 0),
         threads=pipeline_option(config, "threads", None),
         prefetch=pipeline_option(config, "prefetch", 2),
         skip_corrupt=pipeline_option(config, "skip_corrupt", False))

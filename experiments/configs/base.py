@@ -15,7 +15,10 @@ def get_config() -> ml_collections.ConfigDict:
     # Data (dml_jax.data): `name` selects a registered source; the other entries are the
     # source's options (data_dir, crop, ...) except these pipeline entries:
     #   image_size: training crop / eval centre-crop side (None: stored size, no augmentation)
-    #   resize_ratio: eval resize of the shorter side = image_size * resize_ratio
+    #   resize_ratio: resize of the shorter side = image_size * resize_ratio (eval, and
+    #     training with augment.crop = "resize_random")
+    #   augment: training augmentation, dml_jax.data.Augment's fields: crop ("random_resized"
+    #     or "resize_random": resize 256 + random 224 crop), scale, ratio, flip
     #   worker_count, threads, prefetch: grain decoding processes / threads / batches ahead
     #   skip_corrupt: replace (train) or mask (eval) unreadable images instead of raising
     c.dataset = ml_collections.ConfigDict({

@@ -165,3 +165,15 @@ def test_optax_sgd_group_update_matches_plain_sgd():
     b, _ = plain.update(grads, plain.init(params), params)
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         np.testing.assert_allclose(x, y, rtol=1e-6)
+
+
+def test_training_augmentation_comes_from_the_config():
+    config = tiny_config()
+    assert train.train_augmentation(config) == data.Augment()
+    config.dataset.augment = {"crop": "resize_random", "flip": False}
+    config.dataset.resize_ratio = 1.25
+    assert train.train_augmentation(config) == data.Augment(crop="resize_random", flip=False,
+                                                            resize_ratio=1.25)
+    config.dataset.augment = {"crop": "center"}
+    with pytest.raises(ValueError, match="crop"):
+        train.train_augmentation(config)
