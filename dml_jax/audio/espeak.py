@@ -36,13 +36,16 @@ def _paths() -> tuple[str, str]:
 class Espeak:
     """eSpeak NG speech synthesis, deterministic per call (int16 mono at :attr:`sample_rate`).
 
-    eSpeak NG keeps synthesis state in C globals across calls (e.g. its pitch-flutter phase),
-    and draws noise from the C library's ``rand()``, so the same text spoken twice in one
-    process differs slightly. To make every utterance a pure function of its arguments,
-    :meth:`synthesize` seeds ``rand()`` (``srand(0)``: this resets the process's C-level
-    ``rand`` sequence, which Python and NumPy do not use) and loads a fresh instance of the
-    library (``dlopen``), initialises it, speaks, terminates and unloads it (``dlclose``): a
-    few milliseconds per call. Holds the samples of the call in progress. Not thread-safe.
+    eSpeak NG keeps synthesis state in C globals across calls (e.g. its pitch-flutter phase)
+    and draws noise (breath of the ``f2``/``f3``/``f5`` variants, Klatt frication) from its
+    own generator, which ``espeak_Initialize`` seeds with the wall clock (``time(NULL)``), so
+    the same text spoken in two different seconds differs. To make every utterance a pure
+    function of its arguments, :meth:`synthesize` loads a fresh instance of the library
+    (``dlopen``), initialises it, reseeds its generator (``espeak_ng_SetRandSeed(0)``, eSpeak
+    NG >= 1.51), seeds the C library's ``rand()`` that some wave generators use (``srand(0)``:
+    this resets the process's C-level ``rand`` sequence, which Python and NumPy do not use),
+    speaks, terminates and unloads it (``dlclose``): a few milliseconds per call. Holds the
+    samples of the call in progress. Not thread-safe.
 
     Raises:
       RuntimeError: the library fails to initialise.
@@ -73,6 +76,12 @@ class Espeak:
         rate = lib.espeak_Initialize(_AUDIO_OUTPUT_SYNCHRONOUS, 0, self._data, 0)
         if rate <= 0:
             raise RuntimeError(f"espeak_Initialize failed (data path {self._data.decode()}).")
+        # espeak_Initialize seeds eSpeak's noise generator with time(NULL); reseed it. Older
+        # libraries (< 1.51) have no own generator and draw from rand(), seeded in synthesize.
+        if hasattr(lib, "espeak_ng_SetRandSeed"):
+            lib.espeak_ng_SetRandSeed.argtypes = [ctypes.c_long]
+            lib.espeak_ng_SetRandSeed.restype = None
+            lib.espeak_ng_SetRandSeed(0)
         return int(rate)
 
     @staticmethod
@@ -100,10 +109,10 @@ class Espeak:
             return 0
 
         callback = _CALLBACK(collect)
-        ctypes.CDLL(None).srand(0)
         lib = self._open()
         try:
             self._initialise(lib)
+            ctypes.CDLL(None).srand(0)
             lib.espeak_SetSynthCallback(callback)
             if lib.espeak_SetVoiceByName(voice.encode()) != 0:
                 raise ValueError(f"eSpeak NG has no voice {voice!r}.")

@@ -30,7 +30,8 @@ import numpy as np
 
 SAMPLE_RATE = 16000
 STAMP = ".complete"
-GENERATOR_VERSION = 1  # bump when the files written for a spec change
+GENERATOR_VERSION = 2  # bump when the files written for a spec change (2: eSpeak's noise
+# generator seeded, no longer from the wall clock)
 TARGET_SPEAKER = "target"
 
 WORDS = (

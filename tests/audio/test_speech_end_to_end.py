@@ -20,6 +20,7 @@ def test_generation_is_deterministic_and_idempotent(tmp_path):
     spec = SpokenWordsSpec(words=("up", "down"), num_speakers=2, repetitions=1,
                            target_repetitions=2)
     a = generate_spoken_words(tmp_path / "a", spec)
+    time.sleep(1.0)  # b in another second: eSpeak once seeded its noise with the wall clock
     b = generate_spoken_words(tmp_path / "b", spec)
     src = audio_folder(a)
     assert len(src) == 2 * 2 + 2 * 2 and src.classes == ("down", "up")
