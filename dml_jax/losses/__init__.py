@@ -9,6 +9,7 @@ A NaN or inf in a valid input row makes the loss NaN
 from dml_jax.losses.center import center_loss, center_structured_loss, update_centers
 from dml_jax.losses.hybrid import demal_hybrid_loss
 from dml_jax.losses.lifted import lifted_structure_loss
+from dml_jax.losses.memory import XBMState, xbm_init, xbm_update
 from dml_jax.losses.multi_similarity import multi_similarity_loss
 from dml_jax.losses.npair import angular_loss, npair_loss
 from dml_jax.losses.osm_caa import osm_caa_loss
@@ -33,3 +34,5 @@ __all__ += [
     "ranked_list_loss",
     "update_centers",
 ]
+
+__all__ += ["XBMState", "xbm_init", "xbm_update"]
