@@ -119,7 +119,9 @@ def xbm_update(
       axis_name: mesh/pmap axis: every device then enqueues the gathered global batch.
 
     Returns:
-      The new :class:`XBMState`. Memory: the state plus the gathered ``[B, D]`` batch.
+      The new :class:`XBMState`, equal on every device (typed replicated under
+      ``shard_map(check_vma=True)``, which costs one all-reduce of the state). Memory: the
+      state plus the gathered ``[B, D]`` batch.
     """
     state = check_memory(state)
     size, dim = state.embeddings.shape
@@ -136,12 +138,13 @@ def xbm_update(
     count = jnp.sum(row_valid.astype(jnp.int32))
     kept = row_valid & (rank >= count - size)  # the last min(M, count) enqueued rows
     slot = jnp.where(kept, (state.next + rank) % size, size)  # `size`: dropped
-    return XBMState(
+    new = XBMState(
         embeddings=state.embeddings.at[slot].set(rows, mode="drop"),
         labels=state.labels.at[slot].set(row_labels, mode="drop"),
         valid=state.valid.at[slot].set(True, mode="drop"),
         next=((state.next + count) % size).astype(jnp.int32),
     )
+    return XBMState(*(parallel.as_replicated(x, axis_name) for x in new))
 
 
 def with_memory(batch: _batch.PairBatch, memory: XBMState | None) -> _batch.PairBatch:
