@@ -112,11 +112,13 @@ def distances_of(batch: PairBatch) -> jax.Array:
 def global_mean(total: jax.Array, count: jax.Array, axis_name: str | None) -> jax.Array:
     """``sum over devices of total / sum over devices of count``; 0 when the count is 0.
 
-    ``total`` is a float scalar carrying the gradient, ``count`` a scalar with none.
+    ``total`` is a float scalar carrying the gradient; ``count`` a scalar without one: a number
+    of terms, or a sum of (constant) weights, which may lie below 1.
     """
     total = parallel.global_sum(total, axis_name)
     count = parallel.global_count(jnp.asarray(count, jnp.float32), axis_name)
-    return jnp.where(count > 0, total / jnp.maximum(count, 1.0), 0.0)
+    positive = count > 0
+    return jnp.where(positive, total / jnp.where(positive, count, 1.0), 0.0)
 
 
 def masked_sum(values: jax.Array, mask: jax.Array) -> jax.Array:

@@ -10,7 +10,6 @@ import jax.numpy as jnp
 from dml_jax import _checks, parallel
 from dml_jax.losses import _batch
 from dml_jax.losses.memory import XBMState, with_memory
-from dml_jax.losses.osm_caa import weighted_mean
 
 QUERY_WEIGHTINGS = ("uniform", "official")
 
@@ -62,7 +61,7 @@ def ranked_list_from_distances(
     mined = row_valid & (jnp.any(pos, axis=1) | jnp.any(neg, axis=1))
     top = parallel.global_max(jnp.max(jnp.where(mined, log_w, _batch.NEG_LARGE)), axis_name)
     q = jax.lax.stop_gradient(jnp.where(mined, jnp.exp(jnp.where(mined, log_w - top, 0.0)), 0.0))
-    return weighted_mean(jnp.sum(q * per_query), jnp.sum(q), axis_name)
+    return _batch.global_mean(jnp.sum(q * per_query), jnp.sum(q), axis_name)
 
 
 @functools.partial(jax.jit, static_argnames=("query_weighting", "axis_name"))
