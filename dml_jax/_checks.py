@@ -92,7 +92,8 @@ def any_nonfinite(x: jax.typing.ArrayLike, where: jax.typing.ArrayLike | None = 
 
 
 def propagate_nonfinite(*, rows: tuple[str, ...] = ("embeddings",),
-                        whole: tuple[str, ...] = ()) -> Callable[[Callable], Callable]:
+                        whole: tuple[str, ...] = (),
+                        memories: tuple[str, ...] = ("memory",)) -> Callable[[Callable], Callable]:
     """Decorator: the loss returns NaN when a valid input is non-finite.
 
     Masks and ``where``-selects let a loss drop the terms of a NaN or inf row from its value
@@ -100,7 +101,10 @@ def propagate_nonfinite(*, rows: tuple[str, ...] = ("embeddings",),
     NaN update unnoticed. Under this decorator the value is NaN as soon as any row of the
     arguments named in ``rows`` (per-row inputs: embeddings, logits) whose ``where`` is True,
     or any entry of the arguments named in ``whole`` (parameters: centers, proxies), is NaN or
-    inf. With ``axis_name`` the global batch decides: every device returns NaN when any device
+    inf, or any valid row (``valid`` True) of a cross-batch memory passed as one of
+    ``memories`` (an object with ``embeddings [M, D]`` and ``valid [M]``, e.g. an
+    ``XBMState``; skipped when the function has no such argument or it is None). With
+    ``axis_name`` the global batch decides: every device returns NaN when any device
     holds such a row. Rows with ``where`` False take no part; finite input is unchanged (the
     guard adds an exact 0, so values and gradients are bit-for-bit those of the loss).
 
@@ -125,6 +129,10 @@ def propagate_nonfinite(*, rows: tuple[str, ...] = ("embeddings",),
             for name in whole:
                 if arguments.get(name) is not None:
                     bad = bad | any_nonfinite(arguments[name])
+            for name in memories:
+                memory = arguments.get(name)
+                if memory is not None:
+                    bad = bad | any_nonfinite(memory.embeddings, memory.valid)
             bad = parallel.global_any(bad, arguments.get("axis_name"))
             return value + jnp.where(bad, jnp.nan, 0.0).astype(value.dtype)
 

@@ -5,12 +5,24 @@ An objective is configured as data (``config.loss``)::
     name: str                    # a key of LOSSES
     kwargs: dict                 # the loss's hyper-parameters
     classifier_weight: float     # weight of the softmax cross-entropy on the model's logits
+    memory_size: int             # optional: cross-batch memory slots (0 or absent: none)
+    memory_start_step: int       # optional: first step that uses and fills the memory (0)
 
 It says whether the model needs a classifier head (``needs_logits``), initialises the loss's
 own parameters (trained with the model, e.g. learned class centers, proxies or classifier
 weights) and state (updated by the loss, e.g. centers moved by ``update_centers``), and computes
 ``total = metric loss + classifier_weight * CE`` (losses that hold a cross-entropy of their
 own, the DeMAL hybrid and the center-structured loss, get no second one).
+
+**Cross-batch memory** (XBM, Wang et al. CVPR 2020; ``contrastive``, ``triplet``,
+``multi_similarity`` and ``ranked_list``): with ``memory_size = M > 0`` the loss state holds an
+:class:`~dml_jax.losses.XBMState` of ``M`` embeddings and a step counter. Before
+``memory_start_step`` the loss is the plain one and nothing is enqueued (the paper's warm-up:
+early embeddings drift too fast to be worth remembering); from that step on, the loss takes
+``memory=`` and each batch is enqueued *after* its loss (so the memory holds past batches only;
+the batch's own rows are already its columns). The counter counts the steps whose update was
+committed (the train step keeps the old loss state on a non-finite step), and it lives in the
+checkpointed loss state, so a resumed run continues bit-exactly.
 
 Losses on anchor/positive pairs (``npair``, ``angular`` and the ``symmetric_*`` losses of
 :mod:`dml_jax.synthesis`) need ``samples_per_class = 2``: the P x K sampler then lays the batch
@@ -195,6 +207,58 @@ PAIR_LAYOUT_LOSSES = ("npair", "angular", "symmetric_triplet", "symmetric_lifted
                       "symmetric_contrastive", "symmetric_multi_similarity", "symmetric_npair",
                       "symmetric_angular", "symmetric_osm_caa")
 
+MEMORY_LOSSES = ("contrastive", "triplet", "multi_similarity", "ranked_list")
+_MEMORY_KEYS = ("embeddings", "labels", "valid", "next")  # XBMState fields, as "xbm_<field>"
+
+
+def memory_settings(loss_config: Mapping[str, Any]) -> tuple[int, int]:
+    """``(memory_size, memory_start_step)`` of ``config.loss`` (``(0, 0)`` when absent).
+
+    Raises:
+      ValueError: a negative value, or a memory for a loss that does not take one.
+    """
+    size = int(loss_config.get("memory_size", 0) or 0)
+    start = int(loss_config.get("memory_start_step", 0) or 0)
+    if size < 0 or start < 0:
+        raise ValueError(
+            "config.loss.memory_size and config.loss.memory_start_step must be >= 0; got "
+            f"{size} and {start}."
+        )
+    if size and loss_config["name"] not in MEMORY_LOSSES:
+        raise ValueError(
+            f"config.loss.memory_size={size} but the loss {loss_config['name']!r} takes no "
+            f"cross-batch memory; use one of {', '.join(MEMORY_LOSSES)}, or memory_size=0."
+        )
+    return size, start
+
+
+def _split_memory(state: LossState) -> tuple[losses.XBMState, jax.Array, LossState]:
+    """The loss state's memory, its step counter, and the rest of the state."""
+    memory = losses.XBMState(*(state[f"xbm_{k}"] for k in _MEMORY_KEYS))
+    rest = {k: v for k, v in state.items() if not k.startswith("xbm_")}
+    return memory, state["xbm_step"], rest
+
+
+def _join_memory(rest: LossState, memory: losses.XBMState, step: jax.Array) -> LossState:
+    return {**rest, **{f"xbm_{k}": v for k, v in zip(_MEMORY_KEYS, memory)}, "xbm_step": step}
+
+
+def _compute_with_memory(spec, start, embeddings, labels, logits, params, state, kwargs):
+    """``spec.fn`` with the loss state's memory from step ``start`` on; enqueues the batch."""
+    memory, step, rest = _split_memory(state)
+    on = step >= start
+
+    def with_memory():
+        return spec.fn(embeddings, labels, logits, params, rest, memory=memory, **kwargs)
+
+    def without():
+        return spec.fn(embeddings, labels, logits, params, rest, **kwargs)
+
+    metric_loss, rest = jax.lax.cond(on, with_memory, without)
+    updated = losses.xbm_update(memory, embeddings, labels)
+    memory = jax.tree.map(lambda new, old: jnp.where(on, new, old), updated, memory)
+    return metric_loss, _join_memory(rest, memory, step + 1)
+
 
 def get_spec(name: str) -> LossSpec:
     """The :class:`LossSpec` of ``name``; ``ValueError`` listing the known names otherwise."""
@@ -212,9 +276,18 @@ def init_loss_params(loss_config: Mapping[str, Any], num_classes: int, dim: int)
 
 
 def init_loss_state(loss_config: Mapping[str, Any], num_classes: int, dim: int) -> LossState:
-    """The loss's own state (empty for most losses)."""
+    """The loss's own state (empty for most losses), with an empty cross-batch memory and a
+    step counter 0 (``xbm_*`` entries) when ``memory_size > 0``.
+
+    Raises:
+      ValueError: see :func:`memory_settings`.
+    """
     spec = get_spec(loss_config["name"])
-    return spec.init_state(num_classes, dim, dict(loss_config.get("kwargs", {})))
+    state = spec.init_state(num_classes, dim, dict(loss_config.get("kwargs", {})))
+    size, _ = memory_settings(loss_config)
+    if size:
+        state = _join_memory(state, losses.xbm_init(size, dim), jnp.zeros((), jnp.int32))
+    return state
 
 
 def compute(
@@ -233,14 +306,20 @@ def compute(
       labels: int ``[B]``.
       logits: ``[B, C]`` from the model's classifier, or None.
       params: the loss's trainable parameters.
-      state: the loss's state.
+      state: the loss's state (with the cross-batch memory when ``memory_size > 0``).
 
     Returns:
       ``(total, {"metric_loss", "ce_loss", "accuracy"?}, new_state)``.
     """
     spec = get_spec(loss_config["name"])
     kwargs = dict(loss_config.get("kwargs", {}))
-    metric_loss, new_state = spec.fn(embeddings, labels, logits, params, state, **kwargs)
+    size, start = memory_settings(loss_config)
+    if size:
+        metric_loss, new_state = _compute_with_memory(
+            spec, start, embeddings, labels, logits, params, state, kwargs
+        )
+    else:
+        metric_loss, new_state = spec.fn(embeddings, labels, logits, params, state, **kwargs)
     parts = {"metric_loss": metric_loss}
     total = metric_loss
     weight = float(loss_config.get("classifier_weight", 0.0))

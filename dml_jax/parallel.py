@@ -88,3 +88,19 @@ def global_any(x: jax.Array, axis_name: str | None) -> jax.Array:
     if axis_name is None:
         return x
     return jax.lax.pmax(x.astype(jnp.int32), axis_name) > 0
+
+
+def as_replicated(x: jax.Array, axis_name: str | None) -> jax.Array:
+    """``x``, equal on every device, typed as replicated over ``axis_name``.
+
+    Under ``shard_map(check_vma=True)`` a value computed from gathered rows is typed as varying
+    even when every device holds the same one, and cannot be returned with ``out_specs=P()``;
+    its ``pmax`` over identical copies is the same value, typed replicated (one all-reduce of
+    ``x``; no gradient). Elsewhere (no ``axis_name``, ``pmap``, ``check_vma=False``) ``x`` is
+    returned as is.
+    """
+    if axis_name is None or not _is_tracked(x, axis_name):
+        return x
+    if x.dtype == jnp.bool_:
+        return jax.lax.pmax(x.astype(jnp.int32), axis_name) > 0
+    return jax.lax.pmax(jax.lax.stop_gradient(x), axis_name)

@@ -11,6 +11,7 @@ from dml_jax.losses.circle import circle_loss
 from dml_jax.losses.hybrid import demal_hybrid_loss
 from dml_jax.losses.lifted import lifted_structure_loss
 from dml_jax.losses.margin_softmax import arcface_loss, cosface_loss
+from dml_jax.losses.memory import XBMState, xbm_init, xbm_update
 from dml_jax.losses.multi_similarity import multi_similarity_loss
 from dml_jax.losses.npair import angular_loss, npair_loss
 from dml_jax.losses.osm_caa import osm_caa_loss
@@ -48,3 +49,4 @@ __all__ += [
     "soft_triple_loss",
     "supcon_loss",
 ]
+__all__ += ["XBMState", "xbm_init", "xbm_update"]

@@ -75,6 +75,35 @@ def pair_batch(
     )
 
 
+def append_columns(
+    batch: PairBatch, cols: jax.Array, labels: jax.Array, valid: jax.Array
+) -> PairBatch:
+    """``batch`` with ``M`` extra columns after its ``B`` columns (e.g. a cross-batch memory).
+
+    The extra columns are no row of the batch (no diagonal): against local row ``i`` column
+    ``k`` is positive when the labels match and both are valid, negative when they differ and
+    both are valid. Every loss core then runs unchanged on the ``[b, B + M]`` view.
+
+    Args:
+      batch: the batch's :class:`PairBatch` (``[b, B]`` masks).
+      cols: float32 ``[M, D]`` (invalid rows already zeroed; pass constants for no gradient).
+      labels: int32 ``[M]``.
+      valid: bool ``[M]``.
+
+    Returns:
+      The widened :class:`PairBatch` (``[b, B + M]`` masks; rows unchanged).
+    """
+    same = distances.same_label_mask(batch.row_labels, labels)
+    both_valid = batch.row_valid[:, None] & valid[None, :]
+    return batch._replace(
+        cols=jnp.concatenate([batch.cols, cols], axis=0),
+        col_labels=jnp.concatenate([batch.col_labels, labels], axis=0),
+        col_valid=jnp.concatenate([batch.col_valid, valid], axis=0),
+        pos=jnp.concatenate([batch.pos, same & both_valid], axis=1),
+        neg=jnp.concatenate([batch.neg, ~same & both_valid], axis=1),
+    )
+
+
 def distances_of(batch: PairBatch) -> jax.Array:
     """Euclidean distances of the local rows to the global columns, float32 ``[b, B]``."""
     return distances.pairwise_distances(batch.rows, batch.cols)
@@ -83,11 +112,13 @@ def distances_of(batch: PairBatch) -> jax.Array:
 def global_mean(total: jax.Array, count: jax.Array, axis_name: str | None) -> jax.Array:
     """``sum over devices of total / sum over devices of count``; 0 when the count is 0.
 
-    ``total`` is a float scalar carrying the gradient, ``count`` a scalar with none.
+    ``total`` is a float scalar carrying the gradient; ``count`` a scalar without one: a number
+    of terms, or a sum of (constant) weights, which may lie below 1.
     """
     total = parallel.global_sum(total, axis_name)
     count = parallel.global_count(jnp.asarray(count, jnp.float32), axis_name)
-    return jnp.where(count > 0, total / jnp.maximum(count, 1.0), 0.0)
+    positive = count > 0
+    return jnp.where(positive, total / jnp.where(positive, count, 1.0), 0.0)
 
 
 def masked_sum(values: jax.Array, mask: jax.Array) -> jax.Array:

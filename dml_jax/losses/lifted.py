@@ -11,6 +11,25 @@ from dml_jax import _checks, parallel
 from dml_jax.losses import _batch
 
 
+def lifted_from_distances(
+    d: jax.Array,
+    neg: jax.Array,
+    pos: jax.Array,
+    *,
+    neg_margin: float,
+    pos_margin: float,
+    axis_name: str | None,
+) -> jax.Array:
+    """The lifted structured loss from distances ``d`` ``[b, M]`` (``M >= B``), the negatives
+    ``neg`` ``[b, M]`` of each row and the positive pairs ``pos`` ``[b, B]`` (among the first
+    ``B`` columns, the global batch, whose log-sum-exps are gathered)."""
+    row_lse = _batch.masked_logsumexp(neg_margin - d, neg)  # [b]
+    col_lse = parallel.all_gather_rows(row_lse, axis_name)  # [B]
+    j = jnp.logaddexp(row_lse[:, None], col_lse[None, :]) + d[:, : pos.shape[1]] - pos_margin
+    terms = 0.5 * jnp.square(jax.nn.relu(j))
+    return _batch.global_mean(_batch.masked_sum(terms, pos), jnp.sum(pos), axis_name)
+
+
 @functools.partial(jax.jit, static_argnames=("axis_name",))
 @_checks.propagate_nonfinite()
 def lifted_structure_loss(
@@ -50,9 +69,7 @@ def lifted_structure_loss(
       Embedding", CVPR 2016.
     """
     batch = _batch.pair_batch(embeddings, labels, where, axis_name)
-    d = _batch.distances_of(batch)
-    row_lse = _batch.masked_logsumexp(neg_margin - d, batch.neg)  # [b]
-    col_lse = parallel.all_gather_rows(row_lse, axis_name)  # [B]
-    j = jnp.logaddexp(row_lse[:, None], col_lse[None, :]) + d - pos_margin
-    terms = 0.5 * jnp.square(jax.nn.relu(j))
-    return _batch.global_mean(_batch.masked_sum(terms, batch.pos), jnp.sum(batch.pos), axis_name)
+    return lifted_from_distances(
+        _batch.distances_of(batch), batch.neg, batch.pos,
+        neg_margin=neg_margin, pos_margin=pos_margin, axis_name=axis_name,
+    )

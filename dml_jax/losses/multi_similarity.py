@@ -9,6 +9,35 @@ import jax.numpy as jnp
 
 from dml_jax import _checks, distances
 from dml_jax.losses import _batch
+from dml_jax.losses.memory import XBMState, with_memory
+
+
+def multi_similarity_from_similarities(
+    s: jax.Array,
+    pos: jax.Array,
+    neg: jax.Array,
+    row_valid: jax.Array,
+    *,
+    alpha: float,
+    beta: float,
+    base: float,
+    epsilon: float | None,
+    axis_name: str | None,
+) -> jax.Array:
+    """The multi-similarity loss from similarities ``s`` ``[b, M]``, masks ``pos``/``neg``
+    ``[b, M]`` and the valid anchors ``row_valid`` ``[b]`` (global mean over them)."""
+    if epsilon is not None:
+        s_const = jax.lax.stop_gradient(s)
+        min_pos = jnp.min(jnp.where(pos, s_const, jnp.inf), axis=1, keepdims=True)
+        max_neg = jnp.max(jnp.where(neg, s_const, -jnp.inf), axis=1, keepdims=True)
+        neg = neg & (s_const + epsilon > min_pos)
+        pos = pos & (s_const - epsilon < max_neg)
+    pos_lse = _batch.masked_logsumexp(-alpha * (s - base), pos)
+    neg_lse = _batch.masked_logsumexp(beta * (s - base), neg)
+    per_anchor = _batch.softplus_of_lse(pos_lse) / alpha + _batch.softplus_of_lse(neg_lse) / beta
+    return _batch.global_mean(
+        _batch.masked_sum(per_anchor, row_valid), jnp.sum(row_valid), axis_name
+    )
 
 
 @functools.partial(jax.jit, static_argnames=("epsilon", "axis_name"))
@@ -21,6 +50,7 @@ def multi_similarity_loss(
     beta: float = 50.0,
     base: float = 0.5,
     epsilon: float | None = None,
+    memory: XBMState | None = None,
     where: jax.typing.ArrayLike | None = None,
     axis_name: str | None = None,
 ) -> jax.Array:
@@ -46,28 +76,23 @@ def multi_similarity_loss(
       beta: negative scale. Default 50.
       base: the similarity offset ``lambda``. Default 0.5.
       epsilon: mining margin; None (default) uses every pair.
+      memory: optional cross-batch memory (:class:`~dml_jax.losses.XBMState`, ``M`` slots):
+        its valid rows join every anchor's positives and negatives (no gradient; mining
+        included); None (default) is the plain loss.
       where: optional bool ``[B]``; False rows take no part.
       axis_name: mesh/pmap axis for a global-batch loss (see :mod:`dml_jax.parallel`).
 
     Returns:
-      float32 scalar. Memory: a few ``[b, B]`` matrices per device.
+      float32 scalar. Memory: a few ``[b, B]`` (with ``memory``: ``[b, B + M]``) matrices
+      per device.
 
     References:
       Wang, Han, Huang, Dong, Scott, "Multi-Similarity Loss with General Pair Weighting for
       Deep Metric Learning", CVPR 2019.
     """
-    batch = _batch.pair_batch(embeddings, labels, where, axis_name)
-    s = distances.cosine_similarity(batch.rows, batch.cols)
-    pos, neg = batch.pos, batch.neg
-    if epsilon is not None:
-        s_const = jax.lax.stop_gradient(s)
-        min_pos = jnp.min(jnp.where(pos, s_const, jnp.inf), axis=1, keepdims=True)
-        max_neg = jnp.max(jnp.where(neg, s_const, -jnp.inf), axis=1, keepdims=True)
-        neg = neg & (s_const + epsilon > min_pos)
-        pos = pos & (s_const - epsilon < max_neg)
-    pos_lse = _batch.masked_logsumexp(-alpha * (s - base), pos)
-    neg_lse = _batch.masked_logsumexp(beta * (s - base), neg)
-    per_anchor = _batch.softplus_of_lse(pos_lse) / alpha + _batch.softplus_of_lse(neg_lse) / beta
-    return _batch.global_mean(
-        _batch.masked_sum(per_anchor, batch.row_valid), jnp.sum(batch.row_valid), axis_name
+    batch = with_memory(_batch.pair_batch(embeddings, labels, where, axis_name), memory)
+    return multi_similarity_from_similarities(
+        distances.cosine_similarity(batch.rows, batch.cols), batch.pos, batch.neg,
+        batch.row_valid, alpha=alpha, beta=beta, base=base, epsilon=epsilon,
+        axis_name=axis_name,
     )

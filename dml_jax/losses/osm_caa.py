@@ -38,14 +38,6 @@ def class_aware_attention(
     return jnp.where(in_range, p, 0.0)
 
 
-def weighted_mean(num: jax.Array, den: jax.Array, axis_name: str | None) -> jax.Array:
-    """``global num / global den`` with the denominator a constant; 0 when it is 0."""
-    num = parallel.global_sum(num, axis_name)
-    den = parallel.global_count(den, axis_name)
-    positive = den > 0
-    return jnp.where(positive, num / jnp.where(positive, den, 1.0), 0.0)
-
-
 def osm_caa_from_squared_distances(
     sq: jax.Array,
     pos: jax.Array,
@@ -62,7 +54,7 @@ def osm_caa_from_squared_distances(
     """The OSM+CAA loss from squared distances ``sq`` ``[b, M]`` of unit-norm embeddings,
     masks ``pos``/``neg`` ``[b, M]`` and attention ``a_rows [b]``, ``a_cols [M]``.
 
-    Shared with :mod:`dml_jax.synthesis`, whose columns include mined synthetic negatives.
+    Shared with :mod:`dml_jax.losses.symmetric`, whose columns include mined synthetic negatives.
     """
     d = distances.safe_sqrt(sq)
     a_pair = jax.lax.stop_gradient(jnp.minimum(a_rows[:, None], a_cols[None, :]))
@@ -73,10 +65,10 @@ def osm_caa_from_squared_distances(
     w_neg = jax.lax.stop_gradient(hinge) * a_pair
     w_pos = jnp.where(pos, w_pos, 0.0)
     w_neg = jnp.where(neg, w_neg, 0.0)
-    loss_p = weighted_mean(
+    loss_p = _batch.global_mean(
         0.5 * _batch.masked_sum(w_pos * sq, pos), jnp.sum(w_pos), axis_name
     )
-    loss_n = weighted_mean(
+    loss_n = _batch.global_mean(
         0.5 * _batch.masked_sum(w_neg * jnp.square(hinge), neg), jnp.sum(w_neg), axis_name
     )
     return (1.0 - lam) * loss_p + lam * loss_n

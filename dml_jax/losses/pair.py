@@ -9,6 +9,26 @@ import jax.numpy as jnp
 
 from dml_jax import _checks
 from dml_jax.losses import _batch
+from dml_jax.losses.memory import XBMState, with_memory
+
+
+def contrastive_from_distances(
+    d: jax.Array,
+    pos: jax.Array,
+    neg: jax.Array,
+    *,
+    pos_margin: float,
+    neg_margin: float,
+    axis_name: str | None,
+) -> jax.Array:
+    """The contrastive loss from distances ``d`` ``[b, M]`` and masks ``pos``/``neg`` ``[b, M]``:
+    global mean over ``pos`` of ``relu(d - pos_margin)`` + over ``neg`` of
+    ``relu(neg_margin - d)``."""
+    pos_term = jax.nn.relu(d - pos_margin)
+    neg_term = jax.nn.relu(neg_margin - d)
+    return _batch.global_mean(
+        _batch.masked_sum(pos_term, pos), jnp.sum(pos), axis_name
+    ) + _batch.global_mean(_batch.masked_sum(neg_term, neg), jnp.sum(neg), axis_name)
 
 
 @functools.partial(jax.jit, static_argnames=("axis_name",))
@@ -19,6 +39,7 @@ def contrastive_loss(
     *,
     pos_margin: float = 0.0,
     neg_margin: float = 1.0,
+    memory: XBMState | None = None,
     where: jax.typing.ArrayLike | None = None,
     axis_name: str | None = None,
 ) -> jax.Array:
@@ -36,21 +57,23 @@ def contrastive_loss(
       labels: int ``[B]``.
       pos_margin: ``m_+``, positives closer than this cost nothing. Default 0.
       neg_margin: ``m_-``, negatives farther than this cost nothing. Default 1.
+      memory: optional cross-batch memory (:class:`~dml_jax.losses.XBMState`, ``M`` slots):
+        its valid rows join the pairs as columns of every anchor (no gradient); None
+        (default) is the plain loss.
       where: optional bool ``[B]``; False rows take no part.
       axis_name: mesh/pmap axis; the loss is then that of the global batch (see
         :mod:`dml_jax.parallel`).
 
     Returns:
-      float32 scalar. Memory: a few ``[b, B]`` matrices per device.
+      float32 scalar. Memory: a few ``[b, B]`` (with ``memory``: ``[b, B + M]``) matrices
+      per device.
 
     References:
       Hadsell, Chopra, LeCun, "Dimensionality Reduction by Learning an Invariant Mapping",
       CVPR 2006.
     """
-    batch = _batch.pair_batch(embeddings, labels, where, axis_name)
-    d = _batch.distances_of(batch)
-    pos_term = jax.nn.relu(d - pos_margin)
-    neg_term = jax.nn.relu(neg_margin - d)
-    return _batch.global_mean(
-        _batch.masked_sum(pos_term, batch.pos), jnp.sum(batch.pos), axis_name
-    ) + _batch.global_mean(_batch.masked_sum(neg_term, batch.neg), jnp.sum(batch.neg), axis_name)
+    batch = with_memory(_batch.pair_batch(embeddings, labels, where, axis_name), memory)
+    return contrastive_from_distances(
+        _batch.distances_of(batch), batch.pos, batch.neg,
+        pos_margin=pos_margin, neg_margin=neg_margin, axis_name=axis_name,
+    )

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 
 from dml_jax import _checks, parallel
 from dml_jax.losses import _batch
-from dml_jax.losses.osm_caa import weighted_mean
+from dml_jax.losses.memory import XBMState, with_memory
 
 QUERY_WEIGHTINGS = ("uniform", "official")
 
@@ -61,7 +61,7 @@ def ranked_list_from_distances(
     mined = row_valid & (jnp.any(pos, axis=1) | jnp.any(neg, axis=1))
     top = parallel.global_max(jnp.max(jnp.where(mined, log_w, _batch.NEG_LARGE)), axis_name)
     q = jax.lax.stop_gradient(jnp.where(mined, jnp.exp(jnp.where(mined, log_w - top, 0.0)), 0.0))
-    return weighted_mean(jnp.sum(q * per_query), jnp.sum(q), axis_name)
+    return _batch.global_mean(jnp.sum(q * per_query), jnp.sum(q), axis_name)
 
 
 @functools.partial(jax.jit, static_argnames=("query_weighting", "axis_name"))
@@ -76,6 +76,7 @@ def ranked_list_loss(
     t_p: float = 0.0,
     lam: float = 0.5,
     query_weighting: str = "uniform",
+    memory: XBMState | None = None,
     where: jax.typing.ArrayLike | None = None,
     axis_name: str | None = None,
 ) -> jax.Array:
@@ -113,18 +114,22 @@ def ranked_list_loss(
       t_p: positive temperature ``T_p``. Default 0 (uniform positive weights).
       lam: ``lambda``, the weight of ``L_N``. Default 0.5.
       query_weighting: ``"uniform"`` (default) or ``"official"``.
+      memory: optional cross-batch memory (:class:`~dml_jax.losses.XBMState`, ``M`` slots):
+        its valid rows join every query's ranked list (no gradient); None (default) is the
+        plain loss.
       where: optional bool ``[B]``; False rows take no part.
       axis_name: mesh/pmap axis for a global-batch loss (see :mod:`dml_jax.parallel`).
 
     Returns:
-      float32 scalar. Memory: a few ``[b, B]`` matrices per device.
+      float32 scalar. Memory: a few ``[b, B]`` (with ``memory``: ``[b, B + M]``) matrices
+      per device.
 
     References:
       Wang, Hua, Kodirov, Hu, Garnier, Robertson, "Ranked List Loss for Deep Metric Learning",
       CVPR 2019; Wang, Hua, Kodirov, Robertson, TPAMI extension (arXiv 1903.03238).
     """
     _checks.check_choice(query_weighting, "query_weighting", QUERY_WEIGHTINGS)
-    batch = _batch.pair_batch(embeddings, labels, where, axis_name)
+    batch = with_memory(_batch.pair_batch(embeddings, labels, where, axis_name), memory)
     d = _batch.distances_of(batch)
     return ranked_list_from_distances(
         d, batch.pos, batch.neg, batch.row_valid,

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 
 from dml_jax import _checks
 from dml_jax.losses import _batch
+from dml_jax.losses.memory import XBMState, with_memory
 
 MINING = ("all", "batch_hard", "semi_hard")
 SLOT_SIZES = (2, 8, 32)
@@ -196,6 +197,22 @@ def _batch_hard(d, batch, margin):
     return _batch.masked_sum(terms, valid), jnp.sum(valid)
 
 
+MINERS = {"all": _all_triplets, "batch_hard": _batch_hard, "semi_hard": _semi_hard}
+
+
+def triplet_from_distances(
+    d: jax.Array, batch: _batch.PairBatch, *, margin: float, mining: str, axis_name: str | None
+) -> jax.Array:
+    """The triplet loss from distances ``d`` ``[b, M]`` and the view's ``pos``/``neg``
+    ``[b, M]`` masks: the global mean of the ``mining`` rule's terms.
+
+    Exact for any column order; the ``"all"`` and ``"semi_hard"`` miners are fastest when
+    each row's positive columns are close together (see :func:`sort_columns_by_label`).
+    """
+    total, count = MINERS[mining](d, batch, margin)
+    return _batch.global_mean(total, count, axis_name)
+
+
 @functools.partial(jax.jit, static_argnames=("mining", "axis_name"))
 @_checks.propagate_nonfinite()
 def triplet_loss(
@@ -204,6 +221,7 @@ def triplet_loss(
     *,
     margin: float = 0.2,
     mining: str = "all",
+    memory: XBMState | None = None,
     where: jax.typing.ArrayLike | None = None,
     axis_name: str | None = None,
 ) -> jax.Array:
@@ -224,23 +242,25 @@ def triplet_loss(
       labels: int ``[B]``.
       margin: the margin. Default 0.2.
       mining: ``"all"`` (default), ``"batch_hard"`` or ``"semi_hard"``.
+      memory: optional cross-batch memory (:class:`~dml_jax.losses.XBMState`, ``M`` slots):
+        its valid rows join every anchor's candidate positives and negatives (no gradient);
+        None (default) is the plain loss.
       where: optional bool ``[B]``; False rows take no part.
       axis_name: mesh/pmap axis; mining then sees the global batch (see
         :mod:`dml_jax.parallel`).
 
     Returns:
-      float32 scalar. Memory: a few ``[b, B]`` matrices per device, never ``[B, B, B]``.
+      float32 scalar. Memory: a few ``[b, B]`` (with ``memory``: ``[b, B + M]``) matrices
+      per device, never ``[B, B, B]``.
 
     References:
       Schroff, Kalenichenko, Philbin, "FaceNet", CVPR 2015; Hermans, Beyer, Leibe, "In Defense
       of the Triplet Loss for Person Re-Identification", arXiv 1703.07737.
     """
     _checks.check_choice(mining, "mining", MINING)
-    batch = _batch.pair_batch(embeddings, labels, where, axis_name)
+    batch = with_memory(_batch.pair_batch(embeddings, labels, where, axis_name), memory)
     if mining != "batch_hard":
         batch = sort_columns_by_label(batch)
-    d = _batch.distances_of(batch)
-    total, count = {"all": _all_triplets, "batch_hard": _batch_hard, "semi_hard": _semi_hard}[
-        mining
-    ](d, batch, margin)
-    return _batch.global_mean(total, count, axis_name)
+    return triplet_from_distances(
+        _batch.distances_of(batch), batch, margin=margin, mining=mining, axis_name=axis_name
+    )

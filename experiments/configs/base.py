@@ -45,12 +45,16 @@ def get_config() -> ml_collections.ConfigDict:
         "backbone_kwargs": {},
     })
 
-    # Loss (dml_jax.objectives): `name` of a loss, its `kwargs`, and the weight of a softmax
-    # cross-entropy on the model's classifier (0 = none; losses with their own CE add none).
+    # Loss (dml_jax.objectives): `name` of a loss, its `kwargs`, the weight of a softmax
+    # cross-entropy on the model's classifier (0 = none; losses with their own CE add none),
+    # and a cross-batch memory (XBM) of memory_size past embeddings (0 = none; contrastive,
+    # triplet, multi_similarity, ranked_list), used from memory_start_step on.
     c.loss = ml_collections.ConfigDict({
         "name": "multi_similarity",
         "kwargs": {},
         "classifier_weight": 0.0,
+        "memory_size": 0,
+        "memory_start_step": 0,
     })
 
     c.classes_per_batch = 8  # P: distinct classes per global batch

@@ -36,6 +36,8 @@ def get_config() -> ml_collections.ConfigDict:
         "name": "osm_caa",
         "kwargs": {"margin": 1.2, "sigma": 0.8, "lam": 0.5},
         "classifier_weight": 1.0,
+        "memory_size": 0,
+        "memory_start_step": 0,
     })
     c.classes_per_batch = 10
     c.samples_per_class = 8

@@ -1,0 +1,184 @@
+"""The pair layout shared by the N-pair and angular losses and the symmetrical-synthesis
+losses of :mod:`dml_jax.losses.symmetric`.
+
+Pair layout: rows ``2k`` (anchor ``a_k``) and ``2k + 1`` (positive ``p_k``) form pair ``k``, of
+class ``labels[2k]`` (``labels[2k + 1]`` must equal it). ``where`` drops a pair unless both its
+rows are True. Under ``axis_name`` each device's shard must hold whole pairs (an even number of
+rows). Every similarity between the points of two pairs is read from the one ``[b, B]`` Gram
+matrix of the rows against the gathered columns.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from dml_jax import distances, parallel
+from dml_jax.losses import _batch
+
+_AXIS_FLOOR = 1e-12  # an axis with ||a||^2 below this counts as zero: reflect(p about 0) = -p
+
+
+def reflection_coefficient(dot: jax.Array, axis_sq_norm: jax.Array) -> jax.Array:
+    """``2 (p.a) / ||a||^2``, the coefficient of ``a`` in ``reflect(p about a)``; 0 (with a zero
+    gradient) for an axis of squared norm below 1e-12, so a zero axis gives ``-p``."""
+    ok = axis_sq_norm > _AXIS_FLOOR
+    return jnp.where(ok, 2.0 * dot / jnp.where(ok, axis_sq_norm, 1.0), 0.0)
+
+
+class PairLayout(NamedTuple):
+    """Dot products between the local pairs (``n`` rows) and the global pairs (``N`` columns).
+
+    ``aa[i, j] = a_i . a_j``, ``ap = a_i . p_j``, ``pa = p_i . a_j``, ``pp = p_i . p_j``
+    (float32 ``[n, N]``); ``row_dots``/``col_dots``: ``(a.a, a.p, p.p)`` of each pair (``[n]``,
+    ``[N]``); labels, validity and ``row_ids`` (global pair index of each local pair).
+    """
+
+    aa: jax.Array
+    ap: jax.Array
+    pa: jax.Array
+    pp: jax.Array
+    row_dots: tuple[jax.Array, jax.Array, jax.Array]
+    col_dots: tuple[jax.Array, jax.Array, jax.Array]
+    row_labels: jax.Array
+    col_labels: jax.Array
+    row_valid: jax.Array
+    col_valid: jax.Array
+    row_ids: jax.Array
+
+
+def check_pairs(num_rows: int) -> None:
+    """Raises ``ValueError`` unless the (local) batch holds whole anchor/positive pairs."""
+    if num_rows % 2:
+        raise ValueError(
+            f"`embeddings` must hold anchor/positive pairs (rows 2k, 2k+1): an even number of "
+            f"rows per device; got {num_rows}."
+        )
+
+
+def _self_dots(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    a, p = x[0::2], x[1::2]
+    return jnp.sum(a * a, axis=1), jnp.sum(a * p, axis=1), jnp.sum(p * p, axis=1)
+
+
+def pair_layout(
+    embeddings: jax.typing.ArrayLike,
+    labels: jax.typing.ArrayLike,
+    where: jax.typing.ArrayLike | None,
+    axis_name: str | None,
+    *,
+    normalize: bool = False,
+) -> PairLayout:
+    """Builds the :class:`PairLayout` (holds the ``[b, B]`` Gram matrix)."""
+    batch = _batch.pair_batch(embeddings, labels, where, axis_name)
+    check_pairs(batch.rows.shape[0])
+    rows, cols = batch.rows, batch.cols
+    if normalize:
+        rows, cols = distances.l2_normalize(rows), distances.l2_normalize(cols)
+    g = distances.dot_products(rows, cols)
+    n = rows.shape[0] // 2
+    return PairLayout(
+        aa=g[0::2, 0::2],
+        ap=g[0::2, 1::2],
+        pa=g[1::2, 0::2],
+        pp=g[1::2, 1::2],
+        row_dots=_self_dots(rows),
+        col_dots=_self_dots(cols),
+        row_labels=batch.row_labels[0::2],
+        col_labels=batch.col_labels[0::2],
+        row_valid=batch.row_valid[0::2] & batch.row_valid[1::2],
+        col_valid=batch.col_valid[0::2] & batch.col_valid[1::2],
+        row_ids=parallel.row_offset(n, axis_name) + jnp.arange(n, dtype=jnp.int32),
+    )
+
+
+# Each point of a pair as ``u a + v p``: a = (1, 0), p = (0, 1), and the reflections
+# s1 = reflect(p about a) = (2 a.p / |a|^2) a - p, s2 = reflect(a about p) = (2 a.p / |p|^2) p - a.
+POINTS = ("a", "p", "s1", "s2")
+
+
+def coefficients(dots: tuple[jax.Array, jax.Array, jax.Array], point: str):
+    """``(u, v)`` with ``point = u a + v p`` per pair (arrays or Python scalars)."""
+    aa, ap, pp = dots
+    if point == "a":
+        return 1.0, 0.0
+    if point == "p":
+        return 0.0, 1.0
+    if point == "s1":
+        return reflection_coefficient(ap, aa), -1.0
+    if point == "s2":
+        return -1.0, reflection_coefficient(ap, pp)
+    raise ValueError(point)
+
+
+def _outer(x, y):
+    x = jnp.asarray(x, jnp.float32)
+    y = jnp.asarray(y, jnp.float32)
+    return (x[:, None] if x.ndim else x) * (y[None, :] if y.ndim else y)
+
+
+def cross_dots(layout: PairLayout, x: str, y: str) -> jax.Array:
+    """``X_i . Y_j`` for local pair ``i`` and global pair ``j``, float32 ``[n, N]``."""
+    ux, vx = coefficients(layout.row_dots, x)
+    uy, vy = coefficients(layout.col_dots, y)
+    return (
+        _outer(ux, uy) * layout.aa
+        + _outer(ux, vy) * layout.ap
+        + _outer(vx, uy) * layout.pa
+        + _outer(vx, vy) * layout.pp
+    )
+
+
+def self_dots(layout: PairLayout, x: str, y: str) -> jax.Array:
+    """``X_i . Y_i`` of each local pair, float32 ``[n]``."""
+    aa, ap, pp = layout.row_dots
+    ux, vx = coefficients(layout.row_dots, x)
+    uy, vy = coefficients(layout.row_dots, y)
+    return ux * uy * aa + (ux * vy + vx * uy) * ap + vx * vy * pp
+
+
+def diagonal(layout: PairLayout) -> jax.Array:
+    """bool ``[n, N]``: column ``j`` is row ``i``'s own pair."""
+    return layout.row_ids[:, None] == jnp.arange(layout.col_labels.shape[0])[None, :]
+
+
+def same_class(layout: PairLayout) -> jax.Array:
+    """bool ``[n, N]``: the pairs share a label (own pair included), both valid."""
+    return (
+        (layout.row_labels[:, None] == layout.col_labels[None, :])
+        & layout.row_valid[:, None]
+        & layout.col_valid[None, :]
+    )
+
+
+def softmax_cross_entropy(
+    logits: jax.Array, layout: PairLayout, axis_name: str | None
+) -> jax.Array:
+    """Mean over valid anchor pairs of ``CE(softmax_j logits_ij, t_ij)``, ``t_ij`` uniform over
+    the valid same-class columns; invalid columns take no part in the softmax."""
+    cols = layout.col_valid[None, :] & layout.row_valid[:, None]
+    target = same_class(layout).astype(jnp.float32)
+    target = target / jnp.maximum(jnp.sum(target, axis=1, keepdims=True), 1.0)
+    lse = _batch.masked_logsumexp(logits, cols)
+    ce = jnp.where(layout.row_valid, lse - jnp.sum(target * jnp.where(cols, logits, 0.0), 1), 0.0)
+    return _batch.global_mean(jnp.sum(ce), jnp.sum(layout.row_valid), axis_name)
+
+
+def l2_regulariser(layout: PairLayout, axis_name: str | None) -> jax.Array:
+    """``0.25 (mean_k ||a_k||^2 + mean_k ||p_k||^2)`` over the valid pairs of the global batch."""
+    aa, _, pp = layout.row_dots
+    return 0.25 * _batch.global_mean(
+        _batch.masked_sum(aa + pp, layout.row_valid), jnp.sum(layout.row_valid), axis_name
+    )
+
+
+def angular_logits(layout: PairLayout, x: str, y: str, degree: float) -> jax.Array:
+    """The angular loss's logit matrix with ``X`` as anchors and ``Y`` as positives:
+    ``2 (1 + tan^2) X_i.Y_i`` on the diagonal, ``4 tan^2 (X_i + Y_i).Y_j`` off it."""
+    t2 = math.tan(math.radians(degree)) ** 2
+    diag = 2.0 * (1.0 + t2) * self_dots(layout, x, y)
+    off = 4.0 * t2 * (cross_dots(layout, x, y) + cross_dots(layout, y, y))
+    return jnp.where(diagonal(layout), diag[:, None], off)

@@ -1,0 +1,214 @@
+"""Cross-batch memory: the ring buffer's semantics, and the memory-enabled losses against
+NumPy loop references (value and gradient) on memories partly filled, full, wrapped around,
+with padding rows and labels that occur only in the memory."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dml_jax import losses
+from tests.losses import reference as ref
+from tests.losses import reference_memory as refm
+
+# As tests/losses/test_baseline_losses.py: float32 against float64 loops.
+VALUE_TOL = {"rtol": 1e-4, "atol": 1e-5}
+GRAD_TOL = {"rtol": 2e-3, "atol": 2e-4}
+DIM = 4
+
+# (id, jax loss, reference, settings); RLL's reference takes `weights_at` (frozen weights).
+CASES = [
+    ("contrastive", losses.contrastive_loss, refm.contrastive,
+     {"pos_margin": 0.3, "neg_margin": 2.5}),
+    ("triplet_all", losses.triplet_loss, refm.triplet, {"mining": "all", "margin": 0.5}),
+    ("triplet_batch_hard", losses.triplet_loss, refm.triplet,
+     {"mining": "batch_hard", "margin": 0.5}),
+    ("triplet_semi_hard", losses.triplet_loss, refm.triplet,
+     {"mining": "semi_hard", "margin": 1.0}),
+    ("multi_similarity", losses.multi_similarity_loss, refm.multi_similarity, {"beta": 10.0}),
+    ("multi_similarity_mined", losses.multi_similarity_loss, refm.multi_similarity,
+     {"epsilon": 0.1, "beta": 10.0}),
+    ("ranked_list", losses.ranked_list_loss, refm.ranked_list,
+     {"margin": 1.0, "alpha": 3.0, "t_p": 1.0}),
+    ("ranked_list_official", losses.ranked_list_loss, refm.ranked_list,
+     {"margin": 1.0, "alpha": 3.0, "t_p": 1.0, "query_weighting": "official"}),
+]
+IDS = [c[0] for c in CASES]
+
+
+def stream(seed, sizes, labels_from=6, pad_every=4):
+    """Batches ``(e [n, D], y [n], where [n])`` with labels in ``[0, labels_from)``."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for n in sizes:
+        e = rng.normal(size=(n, DIM)).astype(np.float32)
+        y = rng.integers(0, labels_from, size=n).astype(np.int32)
+        where = np.arange(n) % pad_every != pad_every - 1
+        out.append((e, y, where))
+    return out
+
+
+def filled(size, batches):
+    """The memory after enqueueing ``batches``, and the ring reference's slots."""
+    state = losses.xbm_init(size, DIM)
+    mem = (np.zeros((size, DIM)), np.zeros(size, np.int32), np.zeros(size, bool), 0)
+    for e, y, where in batches:
+        state = losses.xbm_update(state, e, y, where=where)
+        mem = refm.ring_update(*mem, e, y, where)
+    return state, mem
+
+
+# Memories: partly filled (16 slots, 6 written), exactly full, wrapped around twice with
+# padding, and one holding a class of 40 rows (the triplet miners' sort-based path). Labels
+# 0..5 (loss batch: 0..3 and 7, so 4 and 5 occur only in the memory; label 7 has no positive).
+MEMORIES = {
+    "partial": (16, [8]),
+    "full": (9, [12]),
+    "wrapped": (10, [7, 6, 8, 5]),
+    "big_class": (48, [44]),
+}
+
+
+def memory_for(name):
+    size, sizes = MEMORIES[name]
+    batches = stream(1, sizes)
+    if name == "big_class":
+        e, y, where = batches[0]
+        batches = [(e, np.where(np.arange(len(y)) % 10 == 0, y, 2).astype(np.int32), where)]
+    return filled(size, batches)
+
+
+def loss_batch(seed=0):
+    rng = np.random.default_rng(seed)
+    e = rng.normal(size=(10, DIM)).astype(np.float32)
+    y = np.array([0, 0, 1, 1, 2, 3, 3, 2, 7, 0], np.int32)
+    where = np.ones(10, bool)
+    where[[3, 9]] = False
+    return e, y, where
+
+
+def test_update_matches_the_ring_one_row_at_a_time():
+    state, (mem_e, mem_y, valid, nxt) = memory_for("wrapped")
+    assert int(state.next) == nxt
+    np.testing.assert_array_equal(state.valid, valid)
+    np.testing.assert_array_equal(np.asarray(state.labels)[valid], mem_y[valid])
+    np.testing.assert_array_equal(np.asarray(state.embeddings)[valid],
+                                  mem_e[valid].astype(np.float32))
+    assert state.embeddings.dtype == jnp.float32 and state.labels.dtype == jnp.int32
+    assert state.valid.dtype == jnp.bool_ and state.next.dtype == jnp.int32
+
+
+def test_update_order_wrap_and_skipped_rows():
+    state = losses.xbm_init(5, 1)
+    e = np.arange(4, dtype=np.float32)[:, None]
+    state = losses.xbm_update(state, e, np.arange(4), where=np.array([1, 0, 1, 1], bool))
+    np.testing.assert_array_equal(state.labels, [0, 2, 3, 0, 0])
+    np.testing.assert_array_equal(state.valid, [1, 1, 1, 0, 0])
+    assert int(state.next) == 3
+    state = losses.xbm_update(state, 10 + e, 10 + np.arange(4))  # wraps: oldest overwritten
+    np.testing.assert_array_equal(state.labels, [12, 13, 3, 10, 11])
+    np.testing.assert_array_equal(state.embeddings[:, 0], [12, 13, 3, 10, 11])
+    assert bool(jnp.all(state.valid)) and int(state.next) == 2
+
+
+def test_a_batch_larger_than_the_memory_keeps_its_last_rows():
+    state = losses.xbm_init(4, 1)
+    state = losses.xbm_update(state, np.zeros((2, 1), np.float32), np.array([-1, -2]))
+    y = np.arange(10)
+    where = np.ones(10, bool)
+    where[[8, 5]] = False
+    state = losses.xbm_update(state, y[:, None].astype(np.float32), y, where=where)
+    # 8 rows enqueued from slot 2: rows 4, 6, 7, 9 (the last four) survive, in slots 2, 3, 0, 1.
+    assert int(state.next) == (2 + 8) % 4
+    np.testing.assert_array_equal(state.labels, [7, 9, 4, 6])
+    np.testing.assert_array_equal(state.embeddings[:, 0], [7, 9, 4, 6])
+
+
+def test_update_and_memory_columns_take_no_gradient():
+    state, _ = memory_for("partial")
+    e, y, _ = loss_batch()
+    g = jax.grad(lambda x: jnp.sum(losses.xbm_update(state, x, y).embeddings))(e)
+    assert np.all(np.asarray(g) == 0)
+    for _, fn, _, kwargs in CASES:
+        g_mem = jax.grad(lambda m, fn=fn, kwargs=kwargs: fn(
+            e, y, memory=state._replace(embeddings=m), **kwargs))(state.embeddings)
+        assert np.all(np.asarray(g_mem) == 0)
+
+
+@pytest.mark.parametrize("memory", sorted(MEMORIES))
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_value_and_gradient_match_loop_reference(case, memory):
+    _, fn, reference, kwargs = case
+    state, (mem_e, mem_y, valid, _) = memory_for(memory)
+    entries = refm.memory_entries(mem_e, mem_y, valid)
+    e, y, where = loss_batch()
+    value, grad = jax.value_and_grad(
+        lambda x: fn(x, y, memory=state, where=where, **kwargs)
+    )(e)
+    frozen = {"weights_at": e} if reference is refm.ranked_list else {}
+    expected = reference(e, y, entries, where=where, **kwargs)
+    np.testing.assert_allclose(value, expected, **VALUE_TOL)
+    plain = fn(e, y, where=where, **kwargs)
+    assert abs(float(value) - float(plain)) > 1e-4, "degenerate case: the memory changes nothing"
+    expected_grad = ref.numerical_grad(
+        lambda x: reference(x, y, entries, where=where, **frozen, **kwargs), e
+    )
+    np.testing.assert_allclose(grad, expected_grad, **GRAD_TOL)
+    assert np.all(np.asarray(grad)[~where] == 0)
+    assert np.any(np.asarray(grad) != 0)
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_memory_none_is_the_plain_loss_and_an_empty_memory_changes_nothing(case):
+    _, fn, _, kwargs = case
+    e, y, where = loss_batch()
+    plain = jax.value_and_grad(lambda x: fn(x, y, where=where, **kwargs))(e)
+    none = jax.value_and_grad(lambda x: fn(x, y, where=where, memory=None, **kwargs))(e)
+    for a, b in zip(plain, none):
+        assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
+    empty = losses.xbm_init(5, DIM)._replace(
+        embeddings=jnp.full((5, DIM), jnp.nan)  # invalid slots take no part, whatever they hold
+    )
+    value, grad = jax.value_and_grad(lambda x: fn(x, y, where=where, memory=empty, **kwargs))(e)
+    np.testing.assert_allclose(value, plain[0], rtol=1e-6)
+    np.testing.assert_allclose(grad, plain[1], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_a_nonfinite_valid_memory_row_gives_a_nan_loss(case):
+    _, fn, _, kwargs = case
+    state, _ = memory_for("partial")
+    e, y, where = loss_batch()
+    bad = state._replace(embeddings=state.embeddings.at[2, 1].set(jnp.inf))
+    assert np.isnan(fn(e, y, where=where, memory=bad, **kwargs))
+
+
+def test_the_loss_and_update_are_jittable_and_vmappable():
+    state, _ = memory_for("wrapped")
+    e, y, where = loss_batch()
+    fn = jax.jit(functools.partial(losses.triplet_loss, mining="semi_hard"))
+    expected = fn(e, y, where=where, memory=state)
+    batched = jax.vmap(lambda x, m: fn(x, y, where=where, memory=m))(
+        jnp.stack([e, e]), jax.tree.map(lambda a: jnp.stack([a, a]), state)
+    )
+    np.testing.assert_allclose(batched, [expected, expected], rtol=1e-6)
+    updated = jax.jit(losses.xbm_update)(state, e, y, where=where)
+    assert int(updated.next) == (int(state.next) + int(where.sum())) % 10
+
+
+def test_bad_memories_are_refused():
+    with pytest.raises(ValueError, match="size"):
+        losses.xbm_init(0, 4)
+    with pytest.raises(ValueError, match="dim"):
+        losses.xbm_init(4, -1)
+    e, y, _ = loss_batch()
+    with pytest.raises(ValueError, match="same dimension"):
+        losses.contrastive_loss(e, y, memory=losses.xbm_init(4, DIM + 1))
+    with pytest.raises(ValueError, match="memory holds 3-d rows"):
+        losses.xbm_update(losses.xbm_init(4, 3), e, y)
+    with pytest.raises(ValueError, match="XBMState"):
+        losses.triplet_loss(e, y, memory=(e, y))
