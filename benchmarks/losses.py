@@ -36,21 +36,53 @@ from dml_jax import losses
 PAIR_LAYOUT = ("npair", "angular", "symm")
 
 
+def cpu_description() -> str:
+    """The CPU model and whether it has AVX-512 (ratios move with it), from /proc/cpuinfo."""
+    model, avx512 = platform.processor() or platform.machine(), False
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name") and model in ("", platform.machine(), "x86_64"):
+                    model = line.split(":", 1)[1].strip()
+                if line.startswith("flags"):
+                    avx512 = avx512 or "avx512f" in line.split()
+    except OSError:
+        pass
+    return f"{model}, {'AVX-512' if avx512 else 'no AVX-512'}"
+
+
+@jax.jit
+def pair_floor(e: jax.Array, cols: jax.Array) -> jax.Array:
+    """The least work of a pair loss's forward+backward: ``e @ cols.T`` (the forward
+    similarities ``[B, M]``) and one ``[B, M] @ [M, D]`` product (the backward)."""
+    return (e @ cols.T) @ cols
+
+
+def _timed(fn: Callable, *args) -> float:
+    t = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    return time.perf_counter() - t
+
+
 def time_jax(
-    fn: Callable, e: jax.Array, y: jax.Array, repeats: int, params: jax.Array | None = None
-) -> tuple[float, float]:
+    fn: Callable, e: jax.Array, y: jax.Array, repeats: int, params: jax.Array | None = None,
+    *, floor_cols: jax.Array | None = None, **kwargs,
+) -> tuple[float, float, float]:
     """Median seconds of jitted value_and_grad (for the embeddings, and for ``params`` when
-    given: ``fn(e, y, params)``), and the loss value."""
+    given: ``fn(e, y, params)``), the loss value, and the median seconds of the matmul floor
+    :func:`pair_floor` (``floor_cols``: the candidate columns, default ``e``) timed
+    alternately with the loss, so both see the same machine state."""
     args = (e, y) if params is None else (e, y, params)
-    step = jax.jit(jax.value_and_grad(fn, argnums=0 if params is None else (0, 2)))
+    step = jax.jit(jax.value_and_grad(lambda *a: fn(*a, **kwargs),
+                                      argnums=0 if params is None else (0, 2)))
+    cols = e if floor_cols is None else floor_cols
     value, grad = step(*args)
-    jax.block_until_ready(grad)
-    times = []
+    jax.block_until_ready((grad, pair_floor(e, cols)))
+    times, floors = [], []
     for _ in range(repeats):
-        t = time.perf_counter()
-        jax.block_until_ready(step(*args))
-        times.append(time.perf_counter() - t)
-    return statistics.median(times), float(value)
+        times.append(_timed(step, *args))
+        floors.append(_timed(pair_floor, e, cols))
+    return statistics.median(times), float(value), statistics.median(floors)
 
 
 def time_torch(loss_obj, miner, e_np: np.ndarray, y_np: np.ndarray, repeats: int):
@@ -156,21 +188,21 @@ def proxy_rows(args, e_np: np.ndarray, y_np: np.ndarray):
         if args.only and name not in args.only:
             continue
         p_np = rng.normal(size=(num_classes * max(rows, 1), args.dim)).astype(np.float32)
-        t_jax, v_jax = time_jax(fn, e, y, args.repeats, params=jnp.asarray(p_np))
+        t_jax, v_jax, t_floor = time_jax(fn, e, y, args.repeats, params=jnp.asarray(p_np))
         t_peer = v_peer = None
         try:
             import torch
 
             loss_obj, attr, transposed = make_peer(num_classes, args.dim)
         except ImportError:
-            yield name, t_jax, None, v_jax, None
+            yield name, t_jax, None, v_jax, None, t_floor
             continue
         if attr is not None:
             with torch.no_grad():
                 getattr(loss_obj, attr).copy_(torch.from_numpy(p_np.T.copy() if transposed
                                                                else p_np))
         t_peer, v_peer = time_torch(loss_obj, None, e_np, y_np, max(3, args.repeats // 3))
-        yield name, t_jax, t_peer, v_jax, v_peer
+        yield name, t_jax, t_peer, v_jax, v_peer, t_floor
 
 
 def main() -> None:
@@ -180,6 +212,8 @@ def main() -> None:
     parser.add_argument("--per-class", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--only", nargs="*", default=None, help="loss names to run")
+    parser.add_argument("--memory", type=int, default=8192,
+                        help="cross-batch memory size for the XBM rows (0: skip them)")
     args = parser.parse_args()
 
     rng = np.random.default_rng(0)
@@ -190,7 +224,6 @@ def main() -> None:
     e, y = jnp.asarray(e_np), jnp.asarray(y_np)
     y_pairs = jnp.repeat(jnp.arange(args.batch // 2, dtype=jnp.int32), 2)
 
-    floor, _ = time_jax(lambda e, y: jnp.sum((e @ e.T) @ e), e, y, args.repeats)
     contrastive = {
         "pk": time_jax(losses.contrastive_loss, e, y, args.repeats)[0],
         "pairs": time_jax(losses.contrastive_loss, e, y_pairs, args.repeats)[0],
@@ -201,17 +234,18 @@ def main() -> None:
         torch_info = f"torch {torch.__version__}, {torch.get_num_threads()} threads"
     except ImportError:
         torch_info = "torch not installed"
-    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
+    print(f"# {cpu_description()}, {os.cpu_count()} cores; "
           f"jax {jax.__version__} on {jax.devices()[0].platform}; {torch_info}")
     print(f"# B={args.batch}, D={args.dim}, {args.per_class} per class; median of "
-          f"{args.repeats}; matmul floor {floor * 1e3:.1f} ms")
+          f"{args.repeats}; x floor = loss / (e @ e.T and one [B, B] @ [B, D], jitted, timed "
+          "alternately with each loss)")
     print(f"{'loss':<26}{'dml_jax ms':>11}{'peer ms':>10}{'speed-up':>10}{'x floor':>9}"
           f"{'x contr.':>9}{'values':>10}")
     for name, (fn, peer, comparable) in peers().items():
         if args.only and name not in args.only:
             continue
         layout = "pairs" if name.startswith(PAIR_LAYOUT) else "pk"
-        t_jax, v_jax = time_jax(fn, e, y_pairs if layout == "pairs" else y, args.repeats)
+        t_jax, v_jax, floor = time_jax(fn, e, y_pairs if layout == "pairs" else y, args.repeats)
         peer_ms = speedup = agree = "-"
         if peer is not None:
             loss_obj, miner = peer()
@@ -229,7 +263,7 @@ def main() -> None:
         name_shown = f"{name} (pairs)" if layout == "pairs" else name
         print(f"{name_shown:<26}{t_jax * 1e3:>11.1f}{peer_ms:>10}{speedup:>10}"
               f"{t_jax / floor:>9.2f}{t_jax / contrastive[layout]:>9.2f}{agree:>10}")
-    for name, t_jax, t_peer, v_jax, v_peer in proxy_rows(args, e_np, y_np):
+    for name, t_jax, t_peer, v_jax, v_peer, floor in proxy_rows(args, e_np, y_np):
         peer_ms = speedup = agree = "-"
         if t_peer is not None:
             peer_ms, speedup = f"{t_peer * 1e3:.1f}", f"{t_peer / t_jax:.1f}x"
@@ -237,6 +271,37 @@ def main() -> None:
                 f"{v_jax:.4g}/{v_peer:.4g}")
         print(f"{name:<26}{t_jax * 1e3:>11.1f}{peer_ms:>10}{speedup:>10}"
               f"{t_jax / floor:>9.2f}{t_jax / contrastive['pk']:>9.2f}{agree:>10}")
+    if args.memory:
+        memory_rows(args, e, y)
+
+
+MEMORY_LOSSES = {
+    "contrastive": (losses.contrastive_loss, {}),
+    "triplet, all": (losses.triplet_loss, {"mining": "all"}),
+    "triplet, batch-hard": (losses.triplet_loss, {"mining": "batch_hard"}),
+    "triplet, semi-hard": (losses.triplet_loss, {"mining": "semi_hard"}),
+    "multi-similarity": (losses.multi_similarity_loss, {}),
+    "ranked list": (losses.ranked_list_loss, {}),
+}
+
+
+def memory_rows(args, e: jax.Array, y: jax.Array) -> None:
+    """Each memory-enabled loss with a full memory of ``args.memory`` rows (labels from the
+    batch's classes), against the floor of its ``[B, B + M]`` products."""
+    rng = np.random.default_rng(2)
+    m = args.memory
+    mem_e = rng.normal(size=(m, args.dim)).astype(np.float32)
+    mem_e /= np.linalg.norm(mem_e, axis=1, keepdims=True)
+    state = losses.xbm_update(losses.xbm_init(m, args.dim), jnp.asarray(mem_e),
+                              jnp.asarray(rng.choice(np.asarray(y), size=m)))
+    cols = jnp.concatenate([e, state.embeddings])
+    print(f"# with a full cross-batch memory of M = {m}: x floor = loss / (e @ [e; memory].T "
+          "and one [B, B + M] @ [B + M, D])")
+    for name, (fn, kwargs) in MEMORY_LOSSES.items():
+        t_jax, _, floor = time_jax(fn, e, y, args.repeats, floor_cols=cols, memory=state,
+                                   **kwargs)
+        print(f"{name + ' + XBM':<26}{t_jax * 1e3:>11.1f}{'-':>10}{'-':>10}"
+              f"{t_jax / floor:>9.2f}{'-':>9}{'-':>10}")
 
 
 if __name__ == "__main__":
