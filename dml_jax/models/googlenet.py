@@ -154,7 +154,7 @@ def avg_pool2d_torch(
     )
     summed = jax.lax.reduce_window(
         x,
-        jnp.zeros((), x.dtype),
+        np.zeros((), x.dtype),  # concrete: reduce_window_sum, which is differentiable
         jax.lax.add,
         (1, kernel, kernel, 1),
         (1, stride, stride, 1),

@@ -103,3 +103,24 @@ def test_one_training_step_at_full_size(file, row, num_classes):
     moved = [not np.array_equal(a, np.asarray(b)) for a, b in
              zip(jax.tree.leaves(before), jax.tree.leaves(state["params"]["model"]))]
     assert any(moved)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_bninception_average_pool_is_differentiable_under_jit(dtype):
+    """BN-Inception's ceil-mode average pool must take a gradient inside jit (the train step):
+    the gradient equals torch's ``avg_pool2d`` backward."""
+    import jax.numpy as jnp
+    import torch
+    import torch.nn.functional as F
+
+    from dml_jax.models.googlenet import avg_pool2d_torch
+
+    x = np.random.default_rng(0).standard_normal((2, 9, 9, 3)).astype(np.float32)
+    pool = lambda v: avg_pool2d_torch(v.astype(dtype), 3, 1, padding=1, ceil_mode=True,
+                                      count_include_pad=True).astype(jnp.float32)
+    grad = jax.jit(jax.grad(lambda v: jnp.sum(pool(v) ** 2)))(jnp.asarray(x))
+    xt = torch.from_numpy(x).permute(0, 3, 1, 2).requires_grad_()
+    (F.avg_pool2d(xt, 3, 1, 1, ceil_mode=True, count_include_pad=True) ** 2).sum().backward()
+    want = xt.grad.permute(0, 2, 3, 1).numpy()
+    tol = 1e-5 if dtype == "float32" else 5e-2
+    np.testing.assert_allclose(np.asarray(grad), want, rtol=tol, atol=tol)
