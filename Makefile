@@ -15,7 +15,7 @@ AUDIO_STAMP := $(VENV)/.installed-audio
 SPEECH_DATA ?= workdirs/data/spoken_words
 PYTEST_ARGS ?=
 
-.PHONY: install test demo demo-speech lint bench clean
+.PHONY: install test test-slow demo demo-speech lint bench clean
 
 $(VENV)/.created:
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -41,7 +41,12 @@ install: $(TEST_STAMP)
 
 test: $(TEST_STAMP)
 	$(PY) -m ruff check dml_jax experiments tests benchmarks
-	$(PY) -m pytest -n 2 --dist loadgroup $(PYTEST_ARGS)
+	$(PY) -m pytest -n 2 --dist loadgroup -m "not full_size" $(PYTEST_ARGS)
+
+# The tests marked full_size: each seed paper's real network, one training step at its input
+# size and batch (minutes per network on a CPU).
+test-slow: $(TEST_STAMP)
+	$(PY) -m pytest -m full_size $(PYTEST_ARGS)
 
 demo: $(DEMO_STAMP)
 	$(PY) experiments/digits.py --workdir $(WORKDIR)

@@ -22,6 +22,7 @@ freeze BatchNorm when fine-tuning BN-Inception, which makes the choice moot.
 from __future__ import annotations
 
 import os
+import types
 from collections.abc import Mapping
 from typing import Any
 
@@ -133,11 +134,19 @@ class BNInception(nnx.Module):
 
     Attributes:
       num_features: 1024, the size of the pooled features.
+      stage_channels: ``{stage: channels}`` of the maps :meth:`features` returns (for
+        ``build_model(multi_level=...)``, e.g. Ranked List Loss's ``inception_3c``,
+        ``inception_4e``, ``inception_5b``).
       unit_names: the torch names of the conv+BN units, in forward order (``"conv1_7x7_s2"``,
         ``"conv2_3x3_reduce"``, ..., ``"inception_5b_pool_proj"``); each is an attribute.
     """
 
     num_features: int = 1024
+    stage_channels: Mapping[str, int] = types.MappingProxyType({
+        "conv2_3x3": 192, "inception_3a": 256, "inception_3b": 320, "inception_3c": 576,
+        "inception_4a": 576, "inception_4b": 576, "inception_4c": 608, "inception_4d": 608,
+        "inception_4e": 1056, "inception_5a": 1024, "inception_5b": 1024,
+    })
 
     def __init__(self, *, bn_momentum: float = 0.1, rngs: nnx.Rngs):
         """Builds a randomly initialised BN-Inception.

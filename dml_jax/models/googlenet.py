@@ -15,6 +15,7 @@ exactly (``ceil_mode``, ``count_include_pad``); :mod:`dml_jax.models.bninception
 from __future__ import annotations
 
 import os
+import types
 from collections.abc import Mapping
 from typing import Any
 
@@ -153,7 +154,7 @@ def avg_pool2d_torch(
     )
     summed = jax.lax.reduce_window(
         x,
-        jnp.zeros((), x.dtype),
+        np.zeros((), x.dtype),  # concrete: reduce_window_sum, which is differentiable
         jax.lax.add,
         (1, kernel, kernel, 1),
         (1, stride, stride, 1),
@@ -306,10 +307,17 @@ class GoogLeNet(nnx.Module):
 
     Attributes:
       num_features: 1024, the size of the pooled features.
+      stage_channels: ``{stage: channels}`` of the maps :meth:`features` returns (for
+        ``build_model(multi_level=...)``).
       transform_input: whether the torchvision input re-normalisation is applied.
     """
 
     num_features: int = 1024
+    stage_channels: Mapping[str, int] = types.MappingProxyType({
+        "conv3": 192, "inception3a": 256, "inception3b": 480, "inception4a": 512,
+        "inception4b": 512, "inception4c": 512, "inception4d": 528, "inception4e": 832,
+        "inception5a": 832, "inception5b": 1024,
+    })
 
     def __init__(
         self,
