@@ -57,9 +57,7 @@ def test_tiny_end_to_end_well_above_chance(tmp_path):
     c.num_steps, c.warmup_steps = 60, 5
     c.finetune.steps, c.finetune.classes_per_batch = 10, 6
     c.log_every = 0
-    t0 = time.time()
     results = train_speech.run_speech_experiment(c, tmp_path / "wd", log=lambda s: None)
-    assert time.time() - t0 < 60
     chance = 1 / len(TINY.words)
     dml = results["dml"]
     assert dml["unseen"]["top1"] >= 0.6 > 3 * chance - 0.1
