@@ -45,7 +45,7 @@ from jax.sharding import PartitionSpec as P
 from dml_jax import checkpoint, data, objectives, optim
 from dml_jax.data.normalize import CONVENTIONS
 from dml_jax.evaluation import suite
-from dml_jax.models import build_model
+from dml_jax.models import build_model, temporal_average_pool
 
 # Keys a resumed run may change (everything else must match the checkpoints' config).
 RESUMABLE_KEYS = ("num_steps", "num_epochs", "eval_every", "log_every", "checkpoint_every",
@@ -225,9 +225,37 @@ def _cast_floats(tree: Any, dtype: Any) -> Any:
                         else x, tree)
 
 
+def _embed(model, x: jax.Array, l2_normalize: bool) -> tuple[jax.Array, jax.Array | None]:
+    """``(embeddings [B, E] f32, logits [B, C] f32 or None)`` of images ``x [B, H, W, C]`` or
+    clips ``x [B, T, H, W, C]``.
+
+    A clip's ``T`` frames run through ``model`` as one batch of ``B*T`` images; their
+    embeddings and logits are averaged over ``T`` (the embeddings re-L2-normalised when
+    ``l2_normalize``, as the model normalises each frame's).
+    """
+    clip = x.ndim == 5
+    if clip:
+        b, t = x.shape[:2]
+        x = x.reshape(b * t, *x.shape[2:])
+    embeddings, aux = model(x)
+    embeddings = embeddings.astype(jnp.float32)
+    logits = aux.get("logits")
+    logits = None if logits is None else logits.astype(jnp.float32)
+    if clip:
+        embeddings = temporal_average_pool(embeddings.reshape(b, t, -1),
+                                           l2_normalize_output=l2_normalize)
+        logits = None if logits is None else jnp.mean(logits.reshape(b, t, -1), axis=1)
+    return embeddings, logits
+
+
 def make_train_step(graphdef, loss_config: Mapping[str, Any], tx: optax.GradientTransformation,
-                    *, input_convention: str = "unit", dtype: str = "float32"):
+                    *, input_convention: str = "unit", dtype: str = "float32",
+                    l2_normalize: bool = True):
     """``train_step(state, images uint8 [B, H, W, 3], labels [B]) -> (state, metrics)`` (pure).
+
+    Clips, ``images`` uint8 ``[B, T, H, W, 3]`` (video re-ID tracklets), are embedded frame by
+    frame and averaged over ``T`` (logits too; the embeddings re-L2-normalised when
+    ``l2_normalize``, i.e. ``config.model.l2_normalize``), so the loss sees ``[B, E]``.
 
     The images are normalised on the device (``input_convention``, see
     :func:`dml_jax.data.normalize`). With ``dtype="bfloat16"`` the model computes in bfloat16
@@ -248,12 +276,9 @@ def make_train_step(graphdef, loss_config: Mapping[str, Any], tx: optax.Gradient
         def loss_fn(params):
             model_params = _cast_floats(params["model"], compute_dtype)
             model = nnx.merge(graphdef, model_params, state["rest"], copy=True)
-            embeddings, aux = model(x)
-            logits = aux.get("logits")
+            embeddings, logits = _embed(model, x, l2_normalize)
             total, parts, loss_state = objectives.compute(
-                loss_config, embeddings.astype(jnp.float32), labels,
-                None if logits is None else logits.astype(jnp.float32), params["loss"],
-                state["loss_state"],
+                loss_config, embeddings, labels, logits, params["loss"], state["loss_state"],
             )
             rest = nnx.state(model, nnx.Not(nnx.Param))
             return total, (parts, rest, loss_state)
@@ -277,18 +302,17 @@ def make_train_step(graphdef, loss_config: Mapping[str, Any], tx: optax.Gradient
     return train_step
 
 
-def make_embed_fn(graphdef, *, input_convention: str = "unit", dtype: str = "float32"):
+def make_embed_fn(graphdef, *, input_convention: str = "unit", dtype: str = "float32",
+                  l2_normalize: bool = True):
     """``embed(params, rest, images uint8 [B, H, W, 3]) -> (embeddings [B, E] f32, logits
-    [B, C] f32 or None)`` in eval mode (pure)."""
+    [B, C] f32 or None)`` in eval mode (pure); clips ``[B, T, H, W, 3]`` are averaged over
+    ``T`` as in :func:`make_train_step`."""
     compute_dtype = DTYPES[dtype]
 
     def embed(params, rest, images):
         x = _model_input(images, input_convention, dtype)
         model = nnx.merge(graphdef, _cast_floats(params, compute_dtype), rest, copy=True)
-        embeddings, aux = model(x)
-        logits = aux.get("logits")
-        return (embeddings.astype(jnp.float32),
-                None if logits is None else logits.astype(jnp.float32))
+        return _embed(model, x, l2_normalize)
 
     return embed
 
@@ -613,7 +637,8 @@ def train_and_evaluate(
     step = int(state["step"])
 
     step_kwargs = {"input_convention": step_option(config, "input_convention", "imagenet"),
-                   "dtype": step_option(config, "dtype", "float32")}
+                   "dtype": step_option(config, "dtype", "float32"),
+                   "l2_normalize": bool(config.model.get("l2_normalize", True))}
     batch_sharding = NamedSharding(mesh, P("data"))
     train_step = jax.jit(
         make_train_step(graphdefs["train"], config.loss.to_dict(), tx, **step_kwargs),

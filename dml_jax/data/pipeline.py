@@ -80,17 +80,28 @@ def load_view(
     box) and returns a ``(left, top, right, bottom)`` box in it; the view is that box resized
     to ``image_size``. Holds one decoded image.
 
+    A record whose image is a clip, uint8 ``[T, H, W, 3]`` (a video re-ID tracklet), gives
+    ``[T, image_size, image_size, 3]``: ``plan`` is called once and every frame gets the same
+    box and flip. Holds the clip.
+
     Raises:
       images.ImageReadError: naming the source, index and path when the image is unreadable.
     """
     ref = read_image(source, index)
+    clip = isinstance(ref.data, np.ndarray) and ref.data.ndim == 4
+    refs = ([images.ImageRef(frame, f"{ref.origin} frame {t}", ref.bbox)
+             for t, frame in enumerate(ref.data)] if clip else [ref])
     if image_size is None:
-        return images.decode(ref)
-    image = images.open_image(ref)
-    top, left, bottom, right = images.bbox_region(ref.bbox, image.height, image.width)
-    (x0, y0, x1, y1), flip = plan(bottom - top, right - left)
-    box = (x0 + left, y0 + top, x1 + left, y1 + top)
-    return images.render(image, box, image_size, flip=flip, origin=ref.origin, draft=draft)
+        views = [images.decode(r) for r in refs]
+    else:
+        opened = [images.open_image(r) for r in refs]
+        top, left, bottom, right = images.bbox_region(ref.bbox, opened[0].height,
+                                                      opened[0].width)
+        (x0, y0, x1, y1), flip = plan(bottom - top, right - left)
+        box = (x0 + left, y0 + top, x1 + left, y1 + top)
+        views = [images.render(image, box, image_size, flip=flip, origin=r.origin, draft=draft)
+                 for image, r in zip(opened, refs)]
+    return np.stack(views) if clip else views[0]
 
 
 def _stack(views: list[np.ndarray], source: Any) -> np.ndarray:
@@ -283,7 +294,9 @@ def train_batches(
     """The training batches of steps ``start_step, start_step + 1, ...``.
 
     Each batch: ``"image"`` uint8 ``[n, image_size, image_size, 3]``, ``"label"`` int32 ``[n]``,
-    this process's rows ``[i·n, (i+1)·n)`` of the global P x K batch of the step.
+    this process's rows ``[i·n, (i+1)·n)`` of the global P x K batch of the step. Clip records
+    (uint8 ``[T, H, W, 3]``, video re-ID tracklets) give ``"image"`` ``[n, T, image_size,
+    image_size, 3]``, all ``T`` frames of a row with the same crop box and flip.
 
     Args:
       source: any source (``labels`` and ``__getitem__``; ``read`` for lazy decoding).
@@ -349,8 +362,10 @@ def eval_batches(
     ``"index"`` int32 (position in the source), ``"mask"`` bool (False on padding rows,
     whose index and label are -1 and image zeros). ``batch_size`` is the global batch:
     process ``i`` of ``N`` gets its rows ``[i·n, (i+1)·n)``, ``n = batch_size / N`` (all of
-    them in one process). ``skip_corrupt=True`` masks an unreadable image out (counted in
-    ``iterator.skipped``) instead of raising. Other options as :func:`train_batches`.
+    them in one process). Clip records give ``"image"`` ``[n, T, image_size, image_size, 3]``
+    (each frame resized and centre-cropped). ``skip_corrupt=True`` masks an unreadable image
+    out (counted in ``iterator.skipped``) instead of raising. Other options as
+    :func:`train_batches`.
 
     Holds up to ``prefetch`` (per worker) batches.
     """

@@ -1,5 +1,5 @@
 """train_batches / eval_batches: P x K structure, determinism, resume, process shares, eval
-coverage, crop geometry, corrupt images, grain workers."""
+coverage, crop geometry, clips (video tracklets), corrupt images, grain workers."""
 
 from __future__ import annotations
 
@@ -191,6 +191,48 @@ def test_image_size_none_keeps_stored_pixels():
     test = digits_source("test")
     batch = next(eval_batches(test, batch_size=len(test), image_size=None))
     np.testing.assert_array_equal(batch["image"], test.images)
+
+
+
+class _ClipSource:
+    """Video re-ID style records: ``"image"`` uint8 ``[T, H, W, 3]``."""
+
+    def __init__(self, clips):
+        self.clips = clips
+        self.labels = np.arange(len(clips), dtype=np.int32) % 2
+        self.classes = [0, 1]
+
+    def __len__(self):
+        return len(self.clips)
+
+    def __getitem__(self, i):
+        return {"image": self.clips[i], "label": int(self.labels[i])}
+
+
+def test_clip_frames_share_the_crop_and_flip():
+    rng = np.random.default_rng(3)
+    frame = rng.integers(0, 256, (4, 20, 17, 3), dtype=np.uint8)
+    source = _ClipSource(np.repeat(frame[:, None], 3, axis=1))  # 4 clips of 3 equal frames
+    batches = _take(train_batches(source, classes_per_batch=2, samples_per_class=3,
+                                  image_size=SIZE), 4)
+    views = np.stack([b["image"] for b in batches])  # [steps, n, T, S, S, 3]
+    assert views.shape == (4, 6, 3, SIZE, SIZE, 3) and views.dtype == np.uint8
+    for t in (1, 2):  # equal frames and one plan per clip: equal views
+        np.testing.assert_array_equal(views[:, :, t], views[:, :, 0])
+    rows = views[:, :, 0].reshape(-1, SIZE * SIZE * 3)
+    assert len(np.unique(rows, axis=0)) > 1  # the plans do differ between rows
+
+
+def test_clip_eval_is_every_frame_resized_and_centre_cropped():
+    rng = np.random.default_rng(4)
+    clips = rng.integers(0, 256, (3, 2, 20, 17, 3), dtype=np.uint8)
+    batch = next(eval_batches(_ClipSource(clips), batch_size=4, image_size=SIZE))
+    assert batch["image"].shape == (4, 2, SIZE, SIZE, 3)
+    assert batch["mask"].tolist() == [True, True, True, False]
+    for t in range(2):
+        frames = next(eval_batches(ArraySource(clips[:, t], np.arange(3)), batch_size=4,
+                                   image_size=SIZE))
+        np.testing.assert_array_equal(batch["image"][:, t], frames["image"])
 
 
 def _corrupt_folder(tmp_path):

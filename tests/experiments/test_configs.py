@@ -16,8 +16,6 @@ from PIL import Image
 
 from dml_jax import data, train
 from dml_jax.data import reid
-from dml_jax.data.sampler import PKSampler
-from dml_jax.evaluation import suite
 
 FILES = ("osm_caa", "ranked_list", "symmetric", "gong", "demal")
 NUM_MOCK = 160  # mock TFDS records per split in the short runs
@@ -283,56 +281,24 @@ def test_row_trains_evaluates_and_resumes(file, row, metrics, data_roots, tmp_pa
 # ------------------------------------------------------------------------------ MARS
 
 
-def test_mars_row_what_runs(data_roots):
-    """The MARS row cannot yet go through train_and_evaluate (no ``mars`` source in the
-    registry; the pipeline and the train step take single images). What runs: the row's
-    validated config, its loss and optimizer on the frames of P x K tracklets, and the re-ID
-    evaluation (CMC + mAP) of temporally pooled tracklet embeddings."""
-    from flax import nnx
-
-    from dml_jax.models import TemporalPooling
-
-    config = shrink(load("osm_caa").get_config("mars"), samples_per_class=2)
-    point_at_data(config, "mars", data_roots)
-    config.dataset.num_frames = 2
-    options = train.source_options(config)
-    kwargs = {"num_frames": options["num_frames"], "seed": config.seed}
-    source = reid.mars(options["root"], "train", **kwargs)
-    train.validate_config(config, source, jax.device_count())
-
-    tx = train.make_optimizer(config, config.num_steps)
-    graphdefs, state = train.create_state(config, len(source.classes), tx)
-    step_kwargs = {"input_convention": config.model.input_convention,
-                   "dtype": config.model.dtype}
-    step = jax.jit(train.make_train_step(graphdefs["train"], config.loss.to_dict(), tx,
-                                         **step_kwargs))
-    sampler = PKSampler(source.labels, config.classes_per_batch, config.samples_per_class,
-                        seed=config.seed)
-    for t in range(config.num_steps):
-        index = sampler.batch_indices(t)
-        clips = np.stack([source[int(i)]["image"] for i in index])  # [B, T, H, W, 3]
-        frames = clips.reshape(-1, *clips.shape[2:])
-        labels = np.repeat(source.labels[index], clips.shape[1])
-        state, out = step(state, frames, labels)
-        assert bool(out["finite"]) and math.isfinite(float(out["loss"]))
-
-    model = nnx.merge(graphdefs["eval"], state["params"]["model"], state["rest"])
-    pooled = TemporalPooling(model)
-    splits = {}
-    for split in ("query", "gallery"):
-        src = reid.mars(options["root"], split, **kwargs)
-        clips = np.stack([src[i]["image"] for i in range(len(src))])
-        emb, _ = pooled(data.normalize(clips, config.model.input_convention))
-        splits[split] = suite.EmbeddedSplit(np.asarray(emb), src.labels, None,
-                                            src.person_ids, src.camera_ids)
-    metrics = suite.run(config.evals, splits, {"ks": tuple(config.eval_ks)})
-    for key in ("cmc@1", "cmc@5", "cmc@20", "map"):
-        assert math.isfinite(metrics[key]), metrics
-
-
-@pytest.mark.xfail(strict=True, raises=ValueError,
-                   reason="no 'mars' source in dml_jax.data's registry yet (README: OSM + CAA)")
 def test_mars_row_end_to_end(data_roots, tmp_path):
+    """The MARS row through train_and_evaluate: P x K batches of tracklet clips
+    ``[B, T, S, S, 3]``, embeddings averaged over the frames, the re-ID evaluation (CMC + mAP)
+    of query against gallery tracklets, and a resume."""
     config = shrink(load("osm_caa").get_config("mars"), samples_per_class=2)
     point_at_data(config, "mars", data_roots)
-    train.train_and_evaluate(config, str(tmp_path))
+    workdir = str(tmp_path / "run")
+    first = train.train_and_evaluate(config, workdir)
+    config.num_steps = 3
+    again = train.train_and_evaluate(config, workdir)
+    assert first["step"] == 2 and again["step"] == 3
+    rows = train.read_metrics(workdir)
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3]
+    assert all(math.isfinite(r["loss"]) for r in rows if "loss" in r)
+    for result in (first, again):
+        for key in ("cmc@1", "cmc@5", "cmc@20", "map"):
+            assert math.isfinite(result["final"][key]), (key, result["final"])
+    assert [r["step"] for r in rows if "cmc@1" in r] == [2, 3]
+    test = again["embeddings"]
+    assert test.embeddings.shape[1] == config.model.embedding_dim
+    np.testing.assert_allclose(np.linalg.norm(test.embeddings, axis=1), 1.0, rtol=1e-5)

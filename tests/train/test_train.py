@@ -61,6 +61,46 @@ def final_state(config, workdir):
         ckpt.close()
 
 
+
+def test_clips_are_embedded_frame_by_frame_and_averaged():
+    """``[B, T, H, W, 3]`` clips: the model runs on ``B*T`` frames, embeddings and logits are
+    averaged over ``T``; a clip of ``T`` equal frames is its frame (train step and embed)."""
+    config = tiny_config(num_steps=1)
+    config.loss.classifier_weight = 1.0  # logits too
+    tx = train.make_optimizer(config)
+    graphdefs, state = train.create_state(config, 10, tx)
+    kwargs = {"input_convention": "unit", "l2_normalize": True}
+    embed = jax.jit(train.make_embed_fn(graphdefs["eval"], **kwargs))
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (8, 16, 16, 3), dtype=np.uint8)
+    clips = np.repeat(images[:, None], 3, axis=1)  # [8, 3, 16, 16, 3] of equal frames
+    params, rest = state["params"]["model"], state["rest"]
+    e1, l1 = embed(params, rest, images)
+    e3, l3 = embed(params, rest, clips)
+    assert e3.shape == (8, 16) and l3.shape == (8, 10)
+    np.testing.assert_allclose(e3, e1, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(l3, l1, rtol=1e-5, atol=1e-5)
+
+    distinct = rng.integers(0, 256, (4, 3, 16, 16, 3), dtype=np.uint8)
+    e, lg = embed(params, rest, distinct)
+    per_frame = [embed(params, rest, distinct[:, t]) for t in range(3)]
+    mean = np.mean([f[0] for f in per_frame], axis=0)
+    np.testing.assert_allclose(e, mean / np.linalg.norm(mean, axis=1, keepdims=True),
+                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(lg, np.mean([f[1] for f in per_frame], axis=0),
+                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(e, axis=1), 1.0, rtol=1e-5)
+
+    # Train step: BatchNorm statistics of T copies of each frame are the frames' statistics.
+    step = jax.jit(train.make_train_step(graphdefs["train"], config.loss.to_dict(), tx,
+                                         **kwargs))
+    labels = np.repeat(np.arange(4, dtype=np.int32), 2)
+    _, m1 = step(state, images, labels)
+    _, m3 = step(state, clips, labels)
+    assert bool(m1["finite"]) and bool(m3["finite"])
+    np.testing.assert_allclose(m3["loss"], m1["loss"], rtol=1e-4)
+
+
 def test_short_run_lowers_the_loss_and_writes_metrics_and_plots(tmp_path):
     config = tiny_config(num_steps=40, plots=True, eval_every=20)
     result = train.train_and_evaluate(config, str(tmp_path))
