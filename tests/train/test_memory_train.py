@@ -1,5 +1,10 @@
-"""Training with a cross-batch memory on the embedded digits: it learns as well as without one,
-and resuming with a memory is bit-exact."""
+"""Training with a cross-batch memory on the embedded digits, and bit-exact resume with one.
+
+On digits a memory does not help: with 10 classes nearly all in every batch it adds old
+embeddings and little new information, and the memory run measures up to ~0.01 MAP@R below the
+run without one. The first test therefore guards against a memory that breaks training (no more
+than 0.01 below, and a clearly trained embedding), not the "at least as well" of a data set
+with many classes, which remains to be shown (see docs/losses.md)."""
 
 from __future__ import annotations
 
@@ -19,7 +24,7 @@ def _memory_config(size, **overrides):
     return config
 
 
-def test_a_memory_of_1024_trains_as_well_as_none(tmp_path):
+def test_a_memory_of_1024_does_not_break_training(tmp_path):
     results = {}
     for size in (0, 1024):
         config = _memory_config(size, num_steps=100, eval_every=100, log_every=100)
