@@ -129,6 +129,9 @@ def validate_config(config: ml_collections.ConfigDict, train_source: Any,
     if step_option(config, "dtype", "float32") not in DTYPES:
         raise ValueError(f"config.model.dtype must be one of {sorted(DTYPES)}; got "
                          f"{step_option(config, 'dtype', 'float32')!r}.")
+    if config.loss.get("per_level", False) and not config.model.get("multi_level"):
+        raise ValueError("config.loss.per_level = True trains one loss per level of a "
+                         "multi-level head: set config.model.multi_level (e.g. three stages).")
     pretrained = config.model.get("pretrained")
     if pretrained and not os.path.exists(pretrained):
         raise FileNotFoundError(
@@ -225,13 +228,15 @@ def _cast_floats(tree: Any, dtype: Any) -> Any:
                         else x, tree)
 
 
-def _embed(model, x: jax.Array, l2_normalize: bool) -> tuple[jax.Array, jax.Array | None]:
-    """``(embeddings [B, E] f32, logits [B, C] f32 or None)`` of images ``x [B, H, W, C]`` or
-    clips ``x [B, T, H, W, C]``.
+def _embed(model, x: jax.Array,
+           l2_normalize: bool) -> tuple[jax.Array, jax.Array | None, dict[str, jax.Array]]:
+    """``(embeddings [B, E] f32, logits [B, C] f32 or None, levels)`` of images
+    ``x [B, H, W, C]`` or clips ``x [B, T, H, W, C]``; ``levels`` = a multi-level head's
+    per-level embeddings ``{"embedding/<stage>": [B, E_s] f32}`` (empty without one).
 
     A clip's ``T`` frames run through ``model`` as one batch of ``B*T`` images; their
-    embeddings and logits are averaged over ``T`` (the embeddings re-L2-normalised when
-    ``l2_normalize``, as the model normalises each frame's).
+    embeddings (each level's too) and logits are averaged over ``T`` (the embeddings
+    re-L2-normalised when ``l2_normalize``, as the model normalises each frame's).
     """
     clip = x.ndim == 5
     if clip:
@@ -241,11 +246,39 @@ def _embed(model, x: jax.Array, l2_normalize: bool) -> tuple[jax.Array, jax.Arra
     embeddings = embeddings.astype(jnp.float32)
     logits = aux.get("logits")
     logits = None if logits is None else logits.astype(jnp.float32)
+    levels = {k: v.astype(jnp.float32) for k, v in aux.items() if k.startswith("embedding/")}
     if clip:
-        embeddings = temporal_average_pool(embeddings.reshape(b, t, -1),
-                                           l2_normalize_output=l2_normalize)
+        def pool(e):
+            return temporal_average_pool(e.reshape(b, t, -1), l2_normalize_output=l2_normalize)
+
+        embeddings = pool(embeddings)
+        levels = {k: pool(v) for k, v in levels.items()}
         logits = None if logits is None else jnp.mean(logits.reshape(b, t, -1), axis=1)
-    return embeddings, logits
+    return embeddings, logits, levels
+
+
+def compute_objective(loss_config: Mapping[str, Any], embeddings: jax.Array,
+                      levels: Mapping[str, jax.Array], labels: jax.Array,
+                      logits: jax.Array | None, params: Any, state: Any):
+    """:func:`dml_jax.objectives.compute` on the embedding ``[B, E]``; with
+    ``loss_config["per_level"]``, the sum of one metric loss per level of a multi-level head
+    (``levels``, e.g. RLL-(L,M,H)'s three embeddings, as the official code trains them), the
+    classifier's cross-entropy counted once.
+
+    Returns ``(total, parts, new_state)`` as ``objectives.compute`` does (``metric_loss`` summed
+    over the levels).
+    """
+    if not loss_config.get("per_level", False):
+        return objectives.compute(loss_config, embeddings, labels, logits, params, state)
+    total, parts = jnp.float32(0.0), {}
+    for i, key in enumerate(levels):
+        config = loss_config if i == 0 else {**loss_config, "classifier_weight": 0.0}
+        level_total, level_parts, state = objectives.compute(config, levels[key], labels,
+                                                             logits, params, state)
+        total = total + level_total
+        metric = parts.get("metric_loss", 0.0) + level_parts["metric_loss"]
+        parts = {**level_parts, **parts, "metric_loss": metric}
+    return total, parts, state
 
 
 def make_train_step(graphdef, loss_config: Mapping[str, Any], tx: optax.GradientTransformation,
@@ -276,9 +309,10 @@ def make_train_step(graphdef, loss_config: Mapping[str, Any], tx: optax.Gradient
         def loss_fn(params):
             model_params = _cast_floats(params["model"], compute_dtype)
             model = nnx.merge(graphdef, model_params, state["rest"], copy=True)
-            embeddings, logits = _embed(model, x, l2_normalize)
-            total, parts, loss_state = objectives.compute(
-                loss_config, embeddings, labels, logits, params["loss"], state["loss_state"],
+            embeddings, logits, levels = _embed(model, x, l2_normalize)
+            total, parts, loss_state = compute_objective(
+                loss_config, embeddings, levels, labels, logits, params["loss"],
+                state["loss_state"],
             )
             rest = nnx.state(model, nnx.Not(nnx.Param))
             return total, (parts, rest, loss_state)
@@ -312,7 +346,8 @@ def make_embed_fn(graphdef, *, input_convention: str = "unit", dtype: str = "flo
     def embed(params, rest, images):
         x = _model_input(images, input_convention, dtype)
         model = nnx.merge(graphdef, _cast_floats(params, compute_dtype), rest, copy=True)
-        return _embed(model, x, l2_normalize)
+        embeddings, logits, _ = _embed(model, x, l2_normalize)
+        return embeddings, logits
 
     return embed
 

@@ -48,13 +48,15 @@ def get_config() -> ml_collections.ConfigDict:
     # Loss (dml_jax.objectives): `name` of a loss, its `kwargs`, the weight of a softmax
     # cross-entropy on the model's classifier (0 = none; losses with their own CE add none),
     # and a cross-batch memory (XBM) of memory_size past embeddings (0 = none; contrastive,
-    # triplet, multi_similarity, ranked_list), used from memory_start_step on.
+    # triplet, multi_similarity, ranked_list), used from memory_start_step on; per_level: with
+    # a multi-level head (model.multi_level), one loss per level, summed (RLL-(L,M,H)).
     c.loss = ml_collections.ConfigDict({
         "name": "multi_similarity",
         "kwargs": {},
         "classifier_weight": 0.0,
         "memory_size": 0,
         "memory_start_step": 0,
+        "per_level": False,
     })
 
     c.classes_per_batch = 8  # P: distinct classes per global batch

@@ -16,10 +16,9 @@ Choices where the paper or its code says otherwise or nothing:
 * batch layout 20 classes x 3 images: the official sampler was not read (UNVERIFIED);
 * Cars uses CUB's settings (UNVERIFIED); SOP: alpha 1.2, m 0.4, T_n 10 (the CVPR paper's
   SOP setting as recalled, UNVERIFIED);
-* the loss: the official code applies one RLL to each of L, M, H; the training loop applies
-  one loss to the model's embedding, here the concatenation of the three unit vectors (norm
-  sqrt(3)), so alpha and m act on the combined distance ``sqrt(d_L^2 + d_M^2 + d_H^2)``;
-  per-level losses need a change in the training loop (see the README);
+* the loss: one RLL per level (``loss.per_level = True``), summed, as the official code
+  trains L, M and H (each on its own L2-normalised 512-d embedding; loss weights 1,
+  UNVERIFIED); the test feature is their concatenation;
 * the official heads read the auxiliary branches' pooled maps; here each level's map is
   globally average-pooled before its linear layer (``MultiLevelHead``).
 
@@ -66,7 +65,8 @@ def get_config(row: str) -> ml_collections.ConfigDict:
         "backbone_kwargs": {},
     })
     c.loss = ml_collections.ConfigDict({
-        "name": "ranked_list", "kwargs": r["loss"], "classifier_weight": 0.0})
+        "name": "ranked_list", "kwargs": r["loss"], "classifier_weight": 0.0,
+        "memory_size": 0, "memory_start_step": 0, "per_level": True})
     c.classes_per_batch = 20
     c.samples_per_class = 3
     c.optimizer.update({

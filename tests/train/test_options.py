@@ -177,3 +177,31 @@ def test_training_augmentation_comes_from_the_config():
     config.dataset.augment = {"crop": "center"}
     with pytest.raises(ValueError, match="crop"):
         train.train_augmentation(config)
+
+
+def test_per_level_loss_sums_one_loss_per_level_with_the_classifier_once():
+    from dml_jax import losses
+
+    rng = np.random.default_rng(0)
+    y = jnp.asarray(np.repeat(np.arange(4), 3))
+    levels = {f"embedding/s{i}": jnp.asarray(rng.normal(size=(12, 5)), jnp.float32)
+              for i in range(3)}
+    logits = jnp.asarray(rng.normal(size=(12, 4)), jnp.float32)
+    config = {"name": "ranked_list", "kwargs": {}, "classifier_weight": 0.5, "per_level": True}
+    concat = jnp.concatenate(list(levels.values()), axis=1)
+    total, parts, _ = train.compute_objective(config, concat, levels, y, logits, {}, {})
+    per_level = sum(float(losses.ranked_list_loss(e, y)) for e in levels.values())
+    ce = float(optax.softmax_cross_entropy_with_integer_labels(logits, y).mean())
+    np.testing.assert_allclose(float(parts["metric_loss"]), per_level, rtol=1e-6)
+    np.testing.assert_allclose(float(total), per_level + 0.5 * ce, rtol=1e-6)
+    plain, _, _ = train.compute_objective({**config, "per_level": False}, concat, levels, y,
+                                          logits, {}, {})
+    np.testing.assert_allclose(float(plain), float(losses.ranked_list_loss(concat, y)) + 0.5 * ce,
+                               rtol=1e-6)
+
+
+def test_per_level_needs_a_multi_level_head(tmp_path):
+    config = tiny_config()
+    config.loss.per_level = True
+    with pytest.raises(ValueError, match="multi_level"):
+        train.train_and_evaluate(config, str(tmp_path))
