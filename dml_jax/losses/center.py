@@ -140,7 +140,7 @@ def center_structured_loss(
 
     The paper's formulas could not be retrieved; only its abstract is verified (cross-entropy
     + structured metric loss + a term pulling features to their class center + a term pushing
-    centers apart). This is the reconstruction of ``papers.md`` section 2:
+    centers apart). This is the reconstruction of the paper (see ``docs/losses.md``):
 
     .. math::
        L = L_{CE} + \lambda \big(L_{lifted} + L_{intra} + \beta L_{inter}\big)
@@ -151,7 +151,7 @@ def center_structured_loss(
     ``L_CE`` is the mean softmax cross-entropy of ``logits`` over the valid rows,
     ``L_lifted`` is :func:`~dml_jax.losses.lifted_structure_loss` (Song et al. 2016, margin
     ``neg_margin``), ``L_intra`` is :func:`center_loss`. dml_jax averages ``L_intra`` and
-    ``L_inter`` (papers.md writes sums) so that ``lambda`` and ``beta`` do not scale with the
+    ``L_inter`` (the paper writes sums) so that ``lambda`` and ``beta`` do not scale with the
     batch size or the number of classes.
 
     Centers are either learned (``learn_centers=True``, default: gradients reach ``centers``)

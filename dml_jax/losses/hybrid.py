@@ -35,7 +35,7 @@ def demal_hybrid_loss(
     come from a classification layer applied to the *same* embeddings (the paper's three
     weight-shared heads on anchor, positive and negative are one head on the whole batch
     here). This is a **reconstruction**: the paper's exact weighting, margin and distance
-    (papers.md writes squared distances and ``L_cls + lambda L_tri``) are unverified; dml_jax
+    (the paper notes write squared distances and ``L_cls + lambda L_tri``) are unverified; dml_jax
     follows the issue's ``triplet + lambda CE`` with the library's triplet loss.
 
     Args:

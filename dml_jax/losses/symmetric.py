@@ -14,7 +14,7 @@ Two families:
   single negative for ``i`` (:func:`symmetric_hard_negatives`). Positives stay the original
   same-class rows. The loss is then the base loss over these positives and mined negatives.
   This rule is a **reconstruction** from the paper's Figure 1 caption (UNVERIFIED in
-  papers.md: the official code releases only the N-pair and angular variants); the paper
+  the paper notes: the official code releases only the N-pair and angular variants); the paper
   reports it for triplet and lifted structure, and applying it to contrastive,
   multi-similarity and OSM+CAA is dml_jax's extension.
 * **Similarity-max losses** (N-pair, angular), as in the official code: the logit between pairs
