@@ -13,8 +13,8 @@ Two families:
   join the originals, and the hardest of the four — the closest to ``x_i`` — is that pair's
   single negative for ``i`` (:func:`symmetric_hard_negatives`). Positives stay the original
   same-class rows. The loss is then the base loss over these positives and mined negatives.
-  This rule is a **reconstruction** from the paper's Figure 1 caption (UNVERIFIED in
-  the paper notes: the official code releases only the N-pair and angular variants); the paper
+  This rule is a **reconstruction** from the paper's Figure 1 caption (UNVERIFIED:
+  the official code releases only the N-pair and angular variants); the paper
   reports it for triplet and lifted structure, and applying it to contrastive,
   multi-similarity and OSM+CAA is dml_jax's extension.
 * **Similarity-max losses** (N-pair, angular), as in the official code: the logit between pairs
