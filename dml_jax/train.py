@@ -78,6 +78,11 @@ def step_option(config: ml_collections.ConfigDict, key: str, default: Any) -> An
     return config.model.get(key, default)
 
 
+def eval_names(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """``config.evals``, the evaluations to run (default: retrieval)."""
+    return tuple(config.get("evals", ("retrieval",)))
+
+
 def total_steps(config: ml_collections.ConfigDict, num_records: int) -> int:
     """``config.num_steps``, or ``ceil(num_epochs * N / (P * K))`` when ``num_epochs`` is set."""
     epochs = config.get("num_epochs", 0) or 0
@@ -121,7 +126,7 @@ def validate_config(config: ml_collections.ConfigDict, train_source: Any,
             raise ValueError(f"config.{key} must be > 0; got {config[key]}.")
     if not config.get("num_epochs", 0) and int(config.num_steps) <= 0:
         raise ValueError(f"config.num_steps must be > 0; got {config.num_steps}.")
-    suite.check(tuple(config.get("evals", ("retrieval",))))
+    suite.check(eval_names(config))
     convention = step_option(config, "input_convention", "imagenet")
     if convention not in CONVENTIONS:
         raise ValueError(f"config.model.input_convention must be one of {CONVENTIONS}; "
@@ -146,7 +151,7 @@ def validate_config(config: ml_collections.ConfigDict, train_source: Any,
 def load_sources(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """The sources of ``config.dataset``: ``"train"`` and each split the evaluations need."""
     options = source_options(config)
-    names = ("train", *suite.required_splits(tuple(config.get("evals", ("retrieval",)))))
+    names = ("train", *suite.required_splits(eval_names(config)))
     return {split: data.get_source(options, split) for split in dict.fromkeys(names)}
 
 
@@ -172,7 +177,7 @@ def _model_config(config: ml_collections.ConfigDict, num_classes: int) -> dict[s
     if not model_cfg.get("pretrained"):
         model_cfg.pop("pretrained", None)
     spec = objectives.get_spec(config.loss.name)
-    evals = tuple(config.get("evals", ("retrieval",)))
+    evals = eval_names(config)
     if spec.needs_logits or config.loss.classifier_weight > 0 or suite.needs_logits(evals):
         model_cfg["num_classes"] = num_classes
     return model_cfg
@@ -569,7 +574,7 @@ def evaluate(embed, state, mesh: Mesh, sources: Mapping[str, Any],
     Raises:
       FloatingPointError: the model produced non-finite embeddings (naming the step).
     """
-    names = tuple(config.get("evals", ("retrieval",)))
+    names = eval_names(config)
     splits = {}
     for split in suite.required_splits(names):
         embedded = embed_split(embed, state, mesh, sources[split], config)
