@@ -2,13 +2,21 @@
 
 A loss sees its *local rows* (anchors, ``[b, D]``) against the *global columns* (``[B, D]``):
 without ``axis_name`` both are the whole batch; inside ``shard_map``/``pmap`` the rows are this
-device's shard and the columns the gathered global batch (see :mod:`dml_jax.parallel`). Every
+device's shard and the columns the gathered global batch (see :mod:`dml_jax.parallel`). A
+cross-batch memory adds ``M`` constant columns after the ``B`` (:func:`append_memory`). Every
 mask excludes the diagonal (``i == j`` by global index) and rows or columns whose ``where`` is
 False, so padding takes no part at all.
+
+The similarities of the view come from one place, :func:`gram`, whose gradient costs one
+``[b, B + M] @ [B + M, D]`` product: without ``axis_name`` the rows *are* the batch columns,
+so the two halves of a Gram matrix's gradient (through the rows and through the columns) are
+summed before the product, ``(G' + G'^T) x``, instead of taking two products; the memory
+columns are constants and take none.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -33,6 +41,9 @@ class PairBatch(NamedTuple):
       pos: bool ``[b, B]``: same label, ``i != j``, both valid.
       neg: bool ``[b, B]``: different label, both valid.
       row_ids: int32 ``[b]`` global index of each local row.
+      memory: float32 ``[M, D]`` constant columns after the ``B`` batch columns (a
+        cross-batch memory; ``M = 0`` without one). ``pos``/``neg``/``col_labels``/
+        ``col_valid`` then span all ``B + M`` columns.
     """
 
     rows: jax.Array
@@ -44,6 +55,7 @@ class PairBatch(NamedTuple):
     pos: jax.Array
     neg: jax.Array
     row_ids: jax.Array
+    memory: jax.Array
 
 
 def pair_batch(
@@ -51,15 +63,32 @@ def pair_batch(
     labels: jax.typing.ArrayLike,
     where: jax.typing.ArrayLike | None,
     axis_name: str | None,
+    *,
+    sort_by_label: bool = False,
 ) -> PairBatch:
-    """Validates the inputs and builds the :class:`PairBatch` (holds two ``[b, B]`` masks)."""
+    """Validates the inputs and builds the :class:`PairBatch` (holds two ``[b, B]`` masks).
+
+    With ``sort_by_label`` the columns are ordered by label (invalid rows last; stable), so
+    each anchor's positives are one run of columns. Only the order changes, never a sum over
+    the columns. Without ``axis_name`` the rows, which are the columns, take the same order
+    (so :func:`gram` still sees one matrix) and ``row_ids`` are positions in that order.
+    """
     rows, row_labels, row_valid = _checks.check_embeddings_labels(embeddings, labels, where)
+    if sort_by_label and axis_name is None:
+        order = label_order(row_labels, row_valid)
+        rows = permute_rows(rows, order)
+        row_labels, row_valid = row_labels[order], row_valid[order]
     cols = parallel.all_gather_rows(rows, axis_name)
     col_labels = parallel.all_gather_rows(row_labels, axis_name)
     col_valid = parallel.all_gather_rows(row_valid, axis_name)
+    col_ids = jnp.arange(cols.shape[0], dtype=jnp.int32)
+    if sort_by_label and axis_name is not None:
+        order = label_order(col_labels, col_valid)
+        cols, col_labels, col_valid = cols[order], col_labels[order], col_valid[order]
+        col_ids = order
     b = rows.shape[0]
     row_ids = parallel.row_offset(b, axis_name) + jnp.arange(b, dtype=jnp.int32)
-    not_self = row_ids[:, None] != jnp.arange(cols.shape[0], dtype=jnp.int32)[None, :]
+    not_self = row_ids[:, None] != col_ids[None, :]
     both_valid = row_valid[:, None] & col_valid[None, :]
     same = distances.same_label_mask(row_labels, col_labels)
     return PairBatch(
@@ -72,21 +101,46 @@ def pair_batch(
         pos=same & not_self & both_valid,
         neg=~same & both_valid,
         row_ids=row_ids,
+        memory=jnp.zeros((0, rows.shape[1]), jnp.float32),
     )
 
 
-def append_columns(
+def label_order(labels: jax.Array, valid: jax.Array) -> jax.Array:
+    """The stable order of ``labels`` ``[B]`` with the invalid rows last, int ``[B]``."""
+    return jnp.argsort(jnp.where(valid, labels, jnp.iinfo(jnp.int32).max), stable=True)
+
+
+@jax.custom_vjp
+def permute_rows(x: jax.Array, order: jax.Array) -> jax.Array:
+    """``x[order]`` for a permutation ``order`` ``[B]``, whose gradient is a gather by the
+    inverse permutation rather than a scatter-add."""
+    return x[order]
+
+
+def _permute_rows_fwd(x, order):
+    return x[order], order
+
+
+def _permute_rows_bwd(order, g):
+    inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
+    return g[inverse], None
+
+
+permute_rows.defvjp(_permute_rows_fwd, _permute_rows_bwd)
+
+
+def append_memory(
     batch: PairBatch, cols: jax.Array, labels: jax.Array, valid: jax.Array
 ) -> PairBatch:
-    """``batch`` with ``M`` extra columns after its ``B`` columns (e.g. a cross-batch memory).
+    """``batch`` with ``M`` constant columns after its ``B`` columns (a cross-batch memory).
 
     The extra columns are no row of the batch (no diagonal): against local row ``i`` column
     ``k`` is positive when the labels match and both are valid, negative when they differ and
     both are valid. Every loss core then runs unchanged on the ``[b, B + M]`` view.
 
     Args:
-      batch: the batch's :class:`PairBatch` (``[b, B]`` masks).
-      cols: float32 ``[M, D]`` (invalid rows already zeroed; pass constants for no gradient).
+      batch: the batch's :class:`PairBatch` (``[b, B]`` masks, no memory yet).
+      cols: float32 ``[M, D]`` (invalid rows already zeroed); taken as constants (no gradient).
       labels: int32 ``[M]``.
       valid: bool ``[M]``.
 
@@ -96,7 +150,7 @@ def append_columns(
     same = distances.same_label_mask(batch.row_labels, labels)
     both_valid = batch.row_valid[:, None] & valid[None, :]
     return batch._replace(
-        cols=jnp.concatenate([batch.cols, cols], axis=0),
+        memory=jax.lax.stop_gradient(cols.astype(jnp.float32)),
         col_labels=jnp.concatenate([batch.col_labels, labels], axis=0),
         col_valid=jnp.concatenate([batch.col_valid, valid], axis=0),
         pos=jnp.concatenate([batch.pos, same & both_valid], axis=1),
@@ -104,9 +158,96 @@ def append_columns(
     )
 
 
-def distances_of(batch: PairBatch) -> jax.Array:
-    """Euclidean distances of the local rows to the global columns, float32 ``[b, B]``."""
-    return distances.pairwise_distances(batch.rows, batch.cols)
+def _self_gram_fwd(x: jax.Array, symmetric: bool):
+    return distances.dot_products(x, x), x
+
+
+def _self_gram_bwd(symmetric: bool, x: jax.Array, g: jax.Array):
+    hi = jax.lax.Precision.HIGHEST
+    if symmetric:  # the caller vouches that the cotangent is symmetric: g + g^T = 2 g
+        return (2.0 * jnp.matmul(g, x, precision=hi),)
+    return (jnp.matmul(g + g.T, x, precision=hi),)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def self_gram(x: jax.Array, symmetric: bool = False) -> jax.Array:
+    """``x @ x.T`` ``[B, B]`` whose gradient is one product, ``(G' + G'^T) @ x``.
+
+    Plain autodiff takes two, ``G' @ x + G'^T @ x``. With ``symmetric`` the caller vouches
+    that the loss's cotangent ``G'`` is symmetric (a loss summing one symmetric function over
+    ordered pairs with symmetric masks), and the transpose is skipped: ``2 G' @ x``.
+
+    Args:
+      x: float32 ``[B, D]``.
+      symmetric: see above (static).
+
+    Returns:
+      float32 ``[B, B]``.
+    """
+    return distances.dot_products(x, x)
+
+
+self_gram.defvjp(_self_gram_fwd, _self_gram_bwd)
+
+
+def gram(
+    batch: PairBatch,
+    axis_name: str | None,
+    *,
+    normalize: bool = False,
+    symmetric: bool = False,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The dot products of the view: ``(G [b, B + M], |row|^2 [b], |col|^2 [B + M])``.
+
+    Args:
+      batch: the view.
+      axis_name: the loss's axis (None: the rows are the batch columns, see
+        :func:`self_gram`).
+      normalize: of the L2-normalised rows and columns (cosine similarities).
+      symmetric: the loss's gradient with respect to the ``[B, B]`` block is symmetric (see
+        :func:`self_gram`); ignored under ``axis_name``.
+
+    Returns:
+      float32 arrays. Memory: ``G`` plus its gradient.
+    """
+    rows = distances.l2_normalize(batch.rows) if normalize else batch.rows
+    if axis_name is None:
+        cols = rows
+        g = self_gram(rows, symmetric)
+    else:
+        cols = distances.l2_normalize(batch.cols) if normalize else batch.cols
+        g = distances.dot_products(rows, cols)
+    row_sq = jnp.sum(rows * rows, axis=1)
+    col_sq = jnp.sum(cols * cols, axis=1)
+    if batch.memory.shape[0]:
+        memory = distances.l2_normalize(batch.memory) if normalize else batch.memory
+        g = jnp.concatenate([g, distances.dot_products(rows, memory)], axis=1)
+        col_sq = jnp.concatenate([col_sq, jnp.sum(memory * memory, axis=1)])
+    return g, row_sq, col_sq
+
+
+def squared_distances_of(
+    batch: PairBatch, axis_name: str | None, *, normalize: bool = False,
+    symmetric: bool = False,
+) -> jax.Array:
+    """Squared Euclidean distances of the rows to the columns, clamped at 0, float32
+    ``[b, B + M]`` (of the L2-normalised vectors when ``normalize``)."""
+    g, row_sq, col_sq = gram(batch, axis_name, normalize=normalize, symmetric=symmetric)
+    return jnp.maximum(row_sq[:, None] + col_sq[None, :] - 2.0 * g, 0.0)
+
+
+def distances_of(
+    batch: PairBatch, axis_name: str | None, *, symmetric: bool = False
+) -> jax.Array:
+    """Euclidean distances of the local rows to the columns, float32 ``[b, B + M]`` (finite
+    gradient at 0, see :func:`dml_jax.distances.safe_sqrt`)."""
+    return distances.safe_sqrt(squared_distances_of(batch, axis_name, symmetric=symmetric))
+
+
+def cosine_of(batch: PairBatch, axis_name: str | None) -> jax.Array:
+    """Cosine similarities of the rows to the columns, float32 ``[b, B + M]`` (0 for a zero
+    vector)."""
+    return gram(batch, axis_name, normalize=True)[0]
 
 
 def global_mean(total: jax.Array, count: jax.Array, axis_name: str | None) -> jax.Array:

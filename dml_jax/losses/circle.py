@@ -7,7 +7,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from dml_jax import _checks, distances
+from dml_jax import _checks
 from dml_jax.losses import _batch
 
 
@@ -56,7 +56,7 @@ def circle_loss(
       Similarity Optimization", CVPR 2020.
     """
     batch = _batch.pair_batch(embeddings, labels, where, axis_name)
-    s = distances.cosine_similarity(batch.rows, batch.cols)
+    s = _batch.cosine_of(batch, axis_name)
     s_const = jax.lax.stop_gradient(s)
     pos_logits = -gamma * jax.nn.relu(1.0 + m - s_const) * (s - (1.0 - m))
     neg_logits = gamma * jax.nn.relu(s_const + m) * (s - m)

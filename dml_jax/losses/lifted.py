@@ -70,6 +70,6 @@ def lifted_structure_loss(
     """
     batch = _batch.pair_batch(embeddings, labels, where, axis_name)
     return lifted_from_distances(
-        _batch.distances_of(batch), batch.neg, batch.pos,
+        _batch.distances_of(batch, axis_name), batch.neg, batch.pos,
         neg_margin=neg_margin, pos_margin=pos_margin, axis_name=axis_name,
     )

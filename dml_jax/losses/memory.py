@@ -157,4 +157,4 @@ def with_memory(batch: _batch.PairBatch, memory: XBMState | None) -> _batch.Pair
         return batch
     memory = check_memory(memory, batch.rows.shape[1])
     cols = jax.lax.stop_gradient(_checks.mask_rows(memory.embeddings, memory.valid))
-    return _batch.append_columns(batch, cols, memory.labels, memory.valid)
+    return _batch.append_memory(batch, cols, memory.labels, memory.valid)

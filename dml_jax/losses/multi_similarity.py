@@ -7,7 +7,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from dml_jax import _checks, distances
+from dml_jax import _checks
 from dml_jax.losses import _batch
 from dml_jax.losses.memory import XBMState, with_memory
 
@@ -92,7 +92,7 @@ def multi_similarity_loss(
     """
     batch = with_memory(_batch.pair_batch(embeddings, labels, where, axis_name), memory)
     return multi_similarity_from_similarities(
-        distances.cosine_similarity(batch.rows, batch.cols), batch.pos, batch.neg,
+        _batch.cosine_of(batch, axis_name), batch.pos, batch.neg,
         batch.row_valid, alpha=alpha, beta=beta, base=base, epsilon=epsilon,
         axis_name=axis_name,
     )

@@ -149,9 +149,8 @@ def osm_caa_loss(
     _checks.check_choice(kernel, "kernel", KERNELS)
     _checks.check_choice(attention, "attention", ATTENTIONS)
     batch = _batch.pair_batch(embeddings, labels, where, axis_name)
-    rows = distances.l2_normalize(batch.rows)
-    cols = distances.l2_normalize(batch.cols)
-    sq = distances.pairwise_squared_distances(rows, cols)
+    # Every weight is symmetric in the pair, so is the gradient of the [B, B] block.
+    sq = _batch.squared_distances_of(batch, axis_name, normalize=True, symmetric=True)
     a_rows, a_cols = prepare_attention(
         logits, batch.row_labels, batch.row_valid, attention, axis_name
     )

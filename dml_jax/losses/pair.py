@@ -74,6 +74,6 @@ def contrastive_loss(
     """
     batch = with_memory(_batch.pair_batch(embeddings, labels, where, axis_name), memory)
     return contrastive_from_distances(
-        _batch.distances_of(batch), batch.pos, batch.neg,
+        _batch.distances_of(batch, axis_name, symmetric=True), batch.pos, batch.neg,
         pos_margin=pos_margin, neg_margin=neg_margin, axis_name=axis_name,
     )

@@ -130,7 +130,7 @@ def ranked_list_loss(
     """
     _checks.check_choice(query_weighting, "query_weighting", QUERY_WEIGHTINGS)
     batch = with_memory(_batch.pair_batch(embeddings, labels, where, axis_name), memory)
-    d = _batch.distances_of(batch)
+    d = _batch.distances_of(batch, axis_name)
     return ranked_list_from_distances(
         d, batch.pos, batch.neg, batch.row_valid,
         margin=margin, alpha=alpha, t_n=t_n, t_p=t_p, lam=lam,

@@ -7,7 +7,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from dml_jax import _checks, distances, parallel
+from dml_jax import _checks, parallel
 from dml_jax.losses import _batch
 
 
@@ -51,7 +51,7 @@ def supcon_loss(
       Contrastive Learning", NeurIPS 2020.
     """
     batch = _batch.pair_batch(embeddings, labels, where, axis_name)
-    logits = distances.cosine_similarity(batch.rows, batch.cols) / temperature
+    logits = _batch.cosine_of(batch, axis_name) / temperature
     pos, neg = batch.pos, batch.neg
     denominator = _batch.masked_logsumexp(logits, pos | neg)
     num_pos = jnp.sum(pos, axis=1, dtype=jnp.float32)

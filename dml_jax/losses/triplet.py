@@ -48,22 +48,6 @@ def _scatter_rows(values: jax.Array, cols: jax.Array, width: int) -> jax.Array:
     return jnp.zeros((values.shape[0], width), jnp.float32).at[rows, cols].add(values)
 
 
-def sort_columns_by_label(batch: _batch.PairBatch) -> _batch.PairBatch:
-    """Reorders the columns by label (padding last), so each anchor's positives are a run.
-
-    Only the column order changes: every sum over columns is the same.
-    """
-    key = jnp.where(batch.col_valid, batch.col_labels, jnp.iinfo(jnp.int32).max)
-    order = jnp.argsort(key, stable=True)  # [B]
-    return batch._replace(
-        cols=batch.cols[order],
-        col_labels=batch.col_labels[order],
-        col_valid=batch.col_valid[order],
-        pos=jnp.take(batch.pos, order, axis=1),
-        neg=jnp.take(batch.neg, order, axis=1),
-    )
-
-
 def _positive_span(pos: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Each row's first positive column ``[b]`` and the widest span of positive columns."""
     width = pos.shape[1]
@@ -207,7 +191,7 @@ def triplet_from_distances(
     ``[b, M]`` masks: the global mean of the ``mining`` rule's terms.
 
     Exact for any column order; the ``"all"`` and ``"semi_hard"`` miners are fastest when
-    each row's positive columns are close together (see :func:`sort_columns_by_label`).
+    each row's positive columns are close together (``pair_batch(sort_by_label=True)``).
     """
     total, count = MINERS[mining](d, batch, margin)
     return _batch.global_mean(total, count, axis_name)
@@ -258,9 +242,11 @@ def triplet_loss(
       of the Triplet Loss for Person Re-Identification", arXiv 1703.07737.
     """
     _checks.check_choice(mining, "mining", MINING)
-    batch = with_memory(_batch.pair_batch(embeddings, labels, where, axis_name), memory)
-    if mining != "batch_hard":
-        batch = sort_columns_by_label(batch)
+    batch = _batch.pair_batch(
+        embeddings, labels, where, axis_name, sort_by_label=mining != "batch_hard"
+    )
+    batch = with_memory(batch, memory)
     return triplet_from_distances(
-        _batch.distances_of(batch), batch, margin=margin, mining=mining, axis_name=axis_name
+        _batch.distances_of(batch, axis_name), batch, margin=margin, mining=mining,
+        axis_name=axis_name,
     )
