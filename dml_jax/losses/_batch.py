@@ -7,11 +7,11 @@ cross-batch memory adds ``M`` constant columns after the ``B`` (:func:`append_me
 mask excludes the diagonal (``i == j`` by global index) and rows or columns whose ``where`` is
 False, so padding takes no part at all.
 
-The similarities of the view come from one place, :func:`gram`, whose gradient costs one
-``[b, B + M] @ [B + M, D]`` product: without ``axis_name`` the rows *are* the batch columns,
-so the two halves of a Gram matrix's gradient (through the rows and through the columns) are
-summed before the product, ``(G' + G'^T) x``, instead of taking two products; the memory
-columns are constants and take none.
+The similarities of the view come from one place, :func:`gram`. Its gradient takes one
+``[b, M] @ [M, D]`` product for the memory columns (constants: none for them) and, without
+``axis_name``, where the rows *are* the batch columns, ``G' x + G'^T x`` for the ``[B, B]``
+block, or the single product ``2 G' x`` for a loss whose gradient is symmetric (see
+:func:`self_gram`).
 """
 
 from __future__ import annotations
@@ -166,16 +166,24 @@ def _self_gram_bwd(symmetric: bool, x: jax.Array, g: jax.Array):
     hi = jax.lax.Precision.HIGHEST
     if symmetric:  # the caller vouches that the cotangent is symmetric: g + g^T = 2 g
         return (2.0 * jnp.matmul(g, x, precision=hi),)
-    return (jnp.matmul(g + g.T, x, precision=hi),)
+    # G'^T x as a dot with a transposed operand: XLA's dot emitters read it in place, where a
+    # materialised G' + G'^T costs a strided [B, B] pass about as slow as the product on CPU.
+    transposed = jax.lax.dot_general(g, x, (((0,), (0,)), ((), ())), precision=hi)
+    return (jnp.matmul(g, x, precision=hi) + transposed,)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
 def self_gram(x: jax.Array, symmetric: bool = False) -> jax.Array:
-    """``x @ x.T`` ``[B, B]`` whose gradient is one product, ``(G' + G'^T) @ x``.
+    """``x @ x.T`` ``[B, B]`` with a hand-written gradient, ``G' @ x + G'^T @ x``.
 
-    Plain autodiff takes two, ``G' @ x + G'^T @ x``. With ``symmetric`` the caller vouches
-    that the loss's cotangent ``G'`` is symmetric (a loss summing one symmetric function over
-    ordered pairs with symmetric masks), and the transpose is skipped: ``2 G' @ x``.
+    The forward is one product and the gradient two, one reading ``G'`` transposed in place
+    (autodiff of ``x @ x.T`` gives the same two, but through a materialised transpose when
+    ``x`` also feeds other terms). With ``symmetric`` the caller vouches that the loss's
+    cotangent ``G'`` is symmetric (a loss summing one symmetric function over ordered pairs
+    with symmetric masks, as the contrastive and OSM+CAA losses do), and the gradient is the
+    one product ``2 G' @ x``. (That needs ``G`` itself symmetric, which the dot kernels
+    make it, bit for bit, on CPU; on a kernel that did not, the error would be of the
+    order of ``G``'s rounding.)
 
     Args:
       x: float32 ``[B, D]``.

@@ -78,7 +78,7 @@ def pair_layout(
     rows, cols = batch.rows, batch.cols
     if normalize:
         rows, cols = distances.l2_normalize(rows), distances.l2_normalize(cols)
-    g = distances.dot_products(rows, cols)
+    g = _batch.gram(batch, axis_name, normalize=normalize)[0]
     n = rows.shape[0] // 2
     return PairLayout(
         aa=g[0::2, 0::2],

@@ -138,12 +138,8 @@ def symmetric_view(
     """
     batch = _batch.pair_batch(embeddings, labels, where, axis_name)
     check_pairs(batch.rows.shape[0])
-    rows, cols = batch.rows, batch.cols
-    if normalize:
-        rows, cols = distances.l2_normalize(rows), distances.l2_normalize(cols)
-    g = distances.dot_products(rows, cols)  # [b, B]
-    n_rows = jnp.sum(rows * rows, axis=1)  # [b]
-    n_cols = jnp.sum(cols * cols, axis=1)  # [B]
+    cols = distances.l2_normalize(batch.cols) if normalize else batch.cols
+    g, n_rows, n_cols = _batch.gram(batch, axis_name, normalize=normalize)  # [b, B], [b], [B]
     sq = jnp.maximum(n_rows[:, None] + n_cols[None, :] - 2.0 * g, 0.0)
     xk, xl = cols[0::2], cols[1::2]
     nk, nl = n_cols[0::2], n_cols[1::2]
