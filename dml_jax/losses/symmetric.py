@@ -145,16 +145,26 @@ def symmetric_view(
     nk, nl = n_cols[0::2], n_cols[1::2]
     kl = jnp.sum(xk * xl, axis=1)
     g_k, g_l = g[:, 0::2], g[:, 1::2]
-    g_kr = reflection_coefficient(kl, nl)[None, :] * g_l - g_k  # x_i . x'_k
-    g_lr = reflection_coefficient(kl, nk)[None, :] * g_k - g_l  # x_i . x'_l
-    cand_dots = jnp.stack([g_k, g_l, g_kr, g_lr])  # [4, b, N]
-    cand_norms = jnp.stack([nk, nl, nk, nl])[:, None, :]  # [4, 1, N]
-    cand_sq = jnp.maximum(n_rows[None, :, None] + cand_norms - 2.0 * cand_dots, 0.0)
-    choice = jnp.argmin(jax.lax.stop_gradient(cand_sq), axis=0).astype(jnp.int32)  # [b, N]
-
-    def pick(x):  # x[choice]: a select chain, elementwise in both directions (no scatter)
-        return jnp.where(choice == 0, x[0], jnp.where(choice == 1, x[1],
-                         jnp.where(choice == 2, x[2], x[3])))
+    c_l = reflection_coefficient(kl, nl)[None, :]  # x'_k = c_l x_l - x_k
+    c_k = reflection_coefficient(kl, nk)[None, :]  # x'_l = c_k x_k - x_l
+    base = n_rows[:, None]
+    candidates = (  # squared distances to x_k, x_l, x'_k, x'_l (constants: they only choose)
+        base + nk[None, :] - 2.0 * g_k,
+        base + nl[None, :] - 2.0 * g_l,
+        base + nk[None, :] - 2.0 * (c_l * g_l - g_k),
+        base + nl[None, :] - 2.0 * (c_k * g_k - g_l),
+    )
+    candidates = [jax.lax.stop_gradient(c) for c in candidates]
+    closest = functools.reduce(jnp.minimum, candidates)
+    choice = jnp.where(candidates[0] == closest, 0, jnp.where(  # the first closest, as argmin
+        candidates[1] == closest, 1, jnp.where(candidates[2] == closest, 2, 3))).astype(jnp.int32)
+    # The chosen point is u x_k + v x_l: its dot with x_i is u g_k + v g_l, elementwise in
+    # both directions (no [4, b, N] stack to differentiate).
+    u = jnp.where(choice == 0, 1.0, jnp.where(choice == 1, 0.0, jnp.where(choice == 2, -1.0, c_k)))
+    v = jnp.where(choice == 0, 0.0, jnp.where(choice == 1, 1.0, jnp.where(choice == 2, c_l, -1.0)))
+    mined_dots = u * g_k + v * g_l
+    mined_norms = jnp.where(choice % 2 == 0, nk[None, :], nl[None, :])
+    mined_sq = jnp.maximum(base + mined_norms - 2.0 * mined_dots, 0.0)
 
     pair_labels = batch.col_labels[0::2]
     pair_valid = batch.col_valid[0::2] & batch.col_valid[1::2]
@@ -166,8 +176,8 @@ def symmetric_view(
     none = jnp.zeros_like(mined_neg)
     return SymmetricView(
         batch=batch,
-        sq=jnp.concatenate([sq, pick(cand_sq)], axis=1),
-        dots=jnp.concatenate([g, pick(cand_dots)], axis=1),
+        sq=jnp.concatenate([sq, mined_sq], axis=1),
+        dots=jnp.concatenate([g, mined_dots], axis=1),
         pos=jnp.concatenate([batch.pos, none], axis=1),
         neg=jnp.concatenate([jnp.zeros_like(batch.pos), mined_neg], axis=1),
         choice=choice,
