@@ -18,6 +18,26 @@ the terms are then decided against every negative in ``O(b S B)`` work. A batch 
 more than 32 rows takes a sort-based path instead (each anchor's negative distances sorted once,
 then binary searches: ``O(B^2 log B)`` work, ``O(B^2)`` memory). XLA's CPU sort of a
 ``1024 x 1024`` array costs several times the loss's matmuls, hence the slots.
+
+With a cross-batch memory of ``M`` rows (``W = B + M`` columns) an anchor has many negatives
+and a few dozen positives spread over the memory. The memory's columns are then ordered by
+label too (an ``[M]`` argsort and an ``[M, D]`` gather of constants), so an anchor's positives
+are two runs, one among the batch columns and one among the memory's. When the slotted paths do
+not apply, a bucketed path gathers those runs into ``S`` slots (``S`` = 128 or 512, whichever
+holds both spans of every anchor) and sorts them (``[b, S]``); each negative's bucket, the
+number of sorted positive values (``"all"``: thresholds ``d_ap + margin``) at or below it, comes
+from ``O(b S W)`` fused comparisons (``[b, W]`` memory: on XLA's CPU backend several times
+faster than a row-wise binary search by gathers for a few hundred values). ``"all"``: a
+negative's count of active terms is the number of thresholds above its bucket, a positive's the
+number of negatives in the buckets below it (one flat ``[b, W]`` scatter-add into a per-row
+``[b, S + 1]`` histogram, then a cumulative sum). ``"semi_hard"``: the per-bucket minima (one
+scatter-min), whose reverse cumulative minimum is each positive's closest harder negative; the
+chosen negatives are marked by value (bucket minima, one gather), tied ones sharing the
+coefficient as in the slotted path (one more scatter-add counts the ties, one gather hands the
+coefficients back): ``O(b S W)`` comparisons and ``O(b W)`` scatters and gathers, a few
+``[b, W]`` arrays, no ``[b, W]`` sort. Only an anchor whose two runs span more than 512 columns
+(a class with that many rows in the batch and memory) sends the view to the sort-based path
+(``O(b W log W)``, several ``[b, W]`` arrays).
 """
 
 from __future__ import annotations
