@@ -147,14 +147,23 @@ def xbm_update(
     return XBMState(*(parallel.as_replicated(x, axis_name) for x in new))
 
 
-def with_memory(batch: _batch.PairBatch, memory: XBMState | None) -> _batch.PairBatch:
+def with_memory(
+    batch: _batch.PairBatch, memory: XBMState | None, *, sort_by_label: bool = False
+) -> _batch.PairBatch:
     """The pair view of ``batch`` widened by the memory's rows (``batch`` itself when None).
 
     The memory's valid rows become ``M`` constant columns after the batch's ``B``
-    (``[b, B + M]`` masks); its invalid rows take no part whatever they hold.
+    (``[b, B + M]`` masks); its invalid rows take no part whatever they hold. With
+    ``sort_by_label`` the memory columns are ordered by label (invalid rows last; stable), so
+    each anchor's memory positives are one run of columns; only the order of the constant
+    columns changes (an ``[M, D]`` gather), never a sum over them.
     """
     if memory is None:
         return batch
     memory = check_memory(memory, batch.rows.shape[1])
-    cols = jax.lax.stop_gradient(_checks.mask_rows(memory.embeddings, memory.valid))
-    return _batch.append_memory(batch, cols, memory.labels, memory.valid)
+    embeddings, labels, valid = memory.embeddings, memory.labels, memory.valid
+    if sort_by_label:
+        order = _batch.label_order(labels, valid)
+        embeddings, labels, valid = embeddings[order], labels[order], valid[order]
+    cols = jax.lax.stop_gradient(_checks.mask_rows(embeddings, valid))
+    return _batch.append_memory(batch, cols, labels, valid)

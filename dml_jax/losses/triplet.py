@@ -18,6 +18,26 @@ the terms are then decided against every negative in ``O(b S B)`` work. A batch 
 more than 32 rows takes a sort-based path instead (each anchor's negative distances sorted once,
 then binary searches: ``O(B^2 log B)`` work, ``O(B^2)`` memory). XLA's CPU sort of a
 ``1024 x 1024`` array costs several times the loss's matmuls, hence the slots.
+
+With a cross-batch memory of ``M`` rows (``W = B + M`` columns) an anchor has many negatives
+and a few dozen positives spread over the memory. The memory's columns are then ordered by
+label too (an ``[M]`` argsort and an ``[M, D]`` gather of constants), so an anchor's positives
+are two runs, one among the batch columns and one among the memory's. When the slotted paths do
+not apply, a bucketed path gathers those runs into ``S`` slots (``S`` = 128 or 512, whichever
+holds both spans of every anchor) and sorts them (``[b, S]``); each negative's bucket, the
+number of sorted positive values (``"all"``: thresholds ``d_ap + margin``) at or below it, comes
+from ``O(b S W)`` fused comparisons (``[b, W]`` memory: on XLA's CPU backend several times
+faster than a row-wise binary search by gathers for a few hundred values). ``"all"``: a
+negative's count of active terms is the number of thresholds above its bucket, a positive's the
+number of negatives in the buckets below it (one flat ``[b, W]`` scatter-add into a per-row
+``[b, S + 1]`` histogram, then a cumulative sum). ``"semi_hard"``: the per-bucket minima (one
+scatter-min), whose reverse cumulative minimum is each positive's closest harder negative; the
+chosen negatives are marked by value (bucket minima, one gather), tied ones sharing the
+coefficient as in the slotted path (one more scatter-add counts the ties, one gather hands the
+coefficients back): ``O(b S W)`` comparisons and ``O(b W)`` scatters and gathers, a few
+``[b, W]`` arrays, no ``[b, W]`` sort. Only an anchor whose two runs span more than 512 columns
+(a class with that many rows in the batch and memory) sends the view to the sort-based path
+(``O(b W log W)``, several ``[b, W]`` arrays).
 """
 
 from __future__ import annotations
@@ -33,6 +53,11 @@ from dml_jax.losses.memory import XBMState, with_memory
 
 MINING = ("all", "batch_hard", "semi_hard")
 SLOT_SIZES = (2, 8, 32)
+# Static bounds on an anchor's positive slots in the bucketed path (with a memory).
+BUCKET_SIZES = (128, 512)
+# Thresholds compared per fused reduction in `_count_below` (XLA's CPU reductions over a
+# short minor axis of booleans vectorise; wider ones, or float sums, are many times slower).
+_COMPARE_CHUNK = 32
 
 
 def _searchsorted_rows(sorted_rows: jax.Array, queries: jax.Array, side: str) -> jax.Array:
@@ -139,26 +164,146 @@ def _semi_hard_sorted(d, batch, margin):
     return _semi_hard_terms(d, batch, d, batch.pos, cols, neg_cols, margin)
 
 
-def _mined_total(d, batch, margin, slotted, fallback):
+def _count_below(sorted_vals, d, strict):
+    """``#{j : sorted_vals[a, j] < d[a, n]}`` (``<=`` unless ``strict``), int32 ``[b, W]``.
+
+    Compares against every value in chunks of ``_COMPARE_CHUNK``: on XLA's CPU backend this is
+    several times faster than a row-wise binary search (gathers) for a few hundred values.
+    """
+    below = jnp.less if strict else jnp.less_equal
+    count = jnp.zeros(d.shape, jnp.int32)
+    for lo in range(0, sorted_vals.shape[1], _COMPARE_CHUNK):
+        chunk = sorted_vals[:, None, lo:lo + _COMPARE_CHUNK]
+        count = count + jnp.sum(below(chunk, d[:, :, None]), axis=2, dtype=jnp.int32)
+    return count
+
+
+def _row_buckets(op, values, buckets, width, init):
+    """``out[a, k] = op over n with buckets[a, n] == k of values[a, n]``: ``[b, width]``
+    (``init`` where none). One flat scatter (faster on CPU than a two-index one)."""
+    rows = values.shape[0]
+    flat = (buckets + width * jnp.arange(rows, dtype=jnp.int32)[:, None]).reshape(-1)
+    out = jnp.full((rows * width,), init, values.dtype)
+    out = getattr(out.at[flat], op)(values.reshape(-1), mode="promise_in_bounds")
+    return out.reshape(rows, width)
+
+
+def _runs(pos, split):
+    """Each row's positive runs in the batch columns ``[0, split)`` and in the memory columns
+    ``[split, W)``: ``(first_batch, span_batch, first_memory, span_memory)``, int32 ``[b]``
+    (a run spans its row's first to last positive of that part; span 0 when none)."""
+    def run(part, offset):
+        iota = jnp.arange(part.shape[1], dtype=jnp.int32)[None, :]
+        first = jnp.min(jnp.where(part, iota, part.shape[1]), axis=1)
+        last = jnp.max(jnp.where(part, iota, -1), axis=1)
+        return offset + jnp.minimum(first, last), jnp.maximum(last - first + 1, 0)
+
+    return (*run(pos[:, :split], 0), *run(pos[:, split:], split))
+
+
+def _pack_runs(d, batch, split, slots):
+    """Each row's positives, in ``slots`` slots taken from its two runs (see :func:`_runs`),
+    sorted by distance: ``(d_ap [b, S], filled [b, S], cols [b, S])`` (unfilled: ``inf``).
+
+    A row's positives must lie in its two runs, and the runs' spans sum to at most ``slots``
+    (true for label-sorted batch and memory columns when no label has that many positives).
+    """
+    width = d.shape[1]
+    first_b, span_b, first_m, span_m = _runs(batch.pos, split)
+    slot = jnp.arange(slots, dtype=jnp.int32)[None, :]
+    cols = jnp.where(slot < span_b[:, None], first_b[:, None] + slot,
+                     first_m[:, None] + slot - span_b[:, None])
+    cols = jnp.clip(cols, 0, width - 1)  # only the slots past both runs are clipped
+    filled = (slot < (span_b + span_m)[:, None]) & jnp.take_along_axis(batch.pos, cols, axis=1)
+    d_ap = jnp.where(filled, jnp.take_along_axis(d, cols, axis=1), jnp.inf)
+    d_ap, filled, cols = jax.lax.sort((d_ap, filled, cols), dimension=1, num_keys=1)
+    return d_ap, filled, cols
+
+
+def _all_bucketed(d, batch, margin, split, slots):
+    """``"all"`` with an anchor's positives sorted in ``slots`` slots: each negative's count
+    of active thresholds by comparison, each positive's count of active negatives from a
+    per-row histogram of those counts. ``O(b S W)`` comparisons, one ``[b, W]`` scatter."""
+    d_ap, filled, cols = _pack_runs(d, batch, split, slots)
+    threshold = jnp.where(filled, d_ap + margin, jnp.inf)  # sorted: d_ap is, inf last
+    below = _count_below(threshold, d, strict=False)  # #thresholds <= d_an: inactive ones
+    count = jnp.sum(filled, axis=1, keepdims=True, dtype=jnp.int32)
+    per_negative = jnp.where(batch.neg, count - below, 0).astype(jnp.float32)
+    # Negative n is active with the j-th smallest threshold iff below[n] <= j.
+    hist = _row_buckets("add", batch.neg.astype(jnp.int32), below, slots + 1, 0)
+    per_positive = jnp.where(filled, jnp.cumsum(hist, axis=1)[:, :slots], 0)
+    per_positive = per_positive.astype(jnp.float32)
+    coef = _scatter_rows(per_positive, cols, d.shape[1]) - per_negative
+    return coef, jnp.sum(per_positive)
+
+
+def _semi_hard_bucketed(d, batch, margin, split, slots):
+    """``"semi_hard"`` with an anchor's positives sorted in ``slots`` slots: each negative's
+    bucket (how many positives are closer), per-bucket minima (a scatter-min), the closest
+    harder negative of each positive as a reverse cumulative minimum over the buckets above
+    it. Ties as :func:`_semi_hard_slotted`. ``O(b S W)`` comparisons, two ``[b, W]``
+    scatters and two ``[b, W]`` gathers."""
+    d_ap, filled, cols = _pack_runs(d, batch, split, slots)
+    bucket = _count_below(d_ap, d, strict=True)  # #positives with d_ap < d_an, in [0, S]
+    neg_d = jnp.where(batch.neg, d, jnp.inf)
+    bucket_min = _row_buckets("min", neg_d, bucket, slots + 1, jnp.inf)  # [b, S + 1]
+    # Negative n is harder than the j-th closest positive iff bucket[n] > j.
+    closest = jax.lax.cummin(bucket_min, axis=1, reverse=True)[:, 1:]  # [b, S]
+    found = jnp.isfinite(closest)
+    farthest = jnp.max(jnp.where(batch.neg, d, -jnp.inf), axis=1)  # [b]
+    d_an = jnp.where(found, closest, farthest[:, None])
+    has_neg = jnp.any(batch.neg, axis=1, keepdims=True)
+    active = filled & has_neg & (d_ap - d_an + margin > 0)  # [b, S]
+    # The chosen negatives by value, as in `_semi_hard_slotted`: a closest value is its
+    # bucket's minimum, and every negative tied with it lies in that bucket.
+    is_min = batch.neg & (d == jnp.take_along_axis(bucket_min, bucket, axis=1))  # [b, W]
+    ties = _row_buckets("add", is_min.astype(jnp.int32), bucket, slots + 1, 0)
+    target = jnp.where(found, _searchsorted_rows(d_ap, closest, side="left"), slots)
+    w_close = jnp.where(active & found, 1.0, 0.0) / jnp.maximum(
+        jnp.take_along_axis(ties, target, axis=1), 1
+    )
+    per_bucket = _scatter_rows(w_close, target, slots + 1)
+    hit_far = batch.neg & (d == farthest[:, None])
+    w_far = jnp.sum(jnp.where(active & ~found, 1.0, 0.0), axis=1) / jnp.maximum(
+        jnp.sum(hit_far, axis=1), 1
+    )
+    neg_coef = jnp.where(is_min, jnp.take_along_axis(per_bucket, bucket, axis=1), 0.0)
+    neg_coef = neg_coef + w_far[:, None] * hit_far
+    active = active.astype(jnp.float32)
+    return _scatter_rows(active, cols, d.shape[1]) - neg_coef, jnp.sum(active)
+
+
+def _mined_total(d, batch, margin, slotted, fallback, bucketed=None):
     """``sum over active terms of (d_ap - d_an + margin) = sum(C * d) + margin * n_active``.
 
     ``C`` and ``n_active`` come from ``slotted(d, batch, start, margin, slots)`` with the
-    smallest slot count that holds every row's positive columns (from its first to its last),
-    else from ``fallback(d, batch, margin)``. The mining runs on constants: the gradient is
-    ``C``, through the one ``[b, B]`` product.
+    smallest slot count that holds every row's positive columns (from its first to its last);
+    else, with a memory, from ``bucketed(d, batch, margin, split, slots)`` with the smallest
+    of ``BUCKET_SIZES`` that holds every row's two runs of positives (batch and memory
+    columns); else from ``fallback(d, batch, margin)``. The mining runs on constants: the
+    gradient is ``C``, through the one ``[b, B]`` product.
     """
     const = jax.lax.stop_gradient(d)
     start, span = _positive_span(batch.pos)
     index = jnp.searchsorted(jnp.asarray(SLOT_SIZES), span)  # len(SLOT_SIZES) -> fallback
     branches = [
         functools.partial(slotted, margin=margin, slots=s) for s in SLOT_SIZES
-    ] + [lambda d, b, start: fallback(d, b, margin)]
+    ]
+    split = d.shape[1] - batch.memory.shape[0]  # the batch columns; the memory's after
+    if bucketed is not None and split < d.shape[1]:
+        _, span_b, _, span_m = _runs(batch.pos, split)
+        need = jnp.searchsorted(jnp.asarray(BUCKET_SIZES), jnp.max(span_b + span_m))
+        index = jnp.where(index < len(SLOT_SIZES), index, len(SLOT_SIZES) + need)
+        branches += [
+            lambda d, b, start, s=s: bucketed(d, b, margin, split, s) for s in BUCKET_SIZES
+        ]
+    branches.append(lambda d, b, start: fallback(d, b, margin))
     coef, active = jax.lax.switch(index, branches, const, batch, start)
     return jnp.sum(coef * d) + margin * active
 
 
 def _all_triplets(d, batch, margin):
-    total = _mined_total(d, batch, margin, _all_slotted, _all_sorted)
+    total = _mined_total(d, batch, margin, _all_slotted, _all_sorted, _all_bucketed)
     num_triplets = jnp.sum(
         jnp.sum(batch.pos, axis=1).astype(jnp.float32) * jnp.sum(batch.neg, axis=1)
     )
@@ -166,7 +311,9 @@ def _all_triplets(d, batch, margin):
 
 
 def _semi_hard(d, batch, margin):
-    total = _mined_total(d, batch, margin, _semi_hard_slotted, _semi_hard_sorted)
+    total = _mined_total(
+        d, batch, margin, _semi_hard_slotted, _semi_hard_sorted, _semi_hard_bucketed
+    )
     count = jnp.sum(batch.pos & jnp.any(batch.neg, axis=1, keepdims=True))
     return total, count
 
@@ -245,7 +392,7 @@ def triplet_loss(
     batch = _batch.pair_batch(
         embeddings, labels, where, axis_name, sort_by_label=mining != "batch_hard"
     )
-    batch = with_memory(batch, memory)
+    batch = with_memory(batch, memory, sort_by_label=mining != "batch_hard")
     return triplet_from_distances(
         _batch.distances_of(batch, axis_name), batch, margin=margin, mining=mining,
         axis_name=axis_name,

@@ -212,3 +212,107 @@ def test_bad_memories_are_refused():
         losses.xbm_update(losses.xbm_init(4, 3), e, y)
     with pytest.raises(ValueError, match="XBMState"):
         losses.triplet_loss(e, y, memory=(e, y))
+
+
+# The triplet miners' branches with a memory: the bucketed path (positives in two runs of at
+# most BUCKET_SIZES slots) and the sort-based fallback, each forced by making every other
+# branch return NaN (a switch that took one would fail the comparison).
+TRIPLET_PATHS = {
+    "all": ("_all_slotted", "_all_bucketed", "_all_sorted"),
+    "semi_hard": ("_semi_hard_slotted", "_semi_hard_bucketed", "_semi_hard_sorted"),
+}
+
+
+def _nan_branch(d, *args, **kwargs):
+    return jnp.full(d.shape, jnp.nan), jnp.float32(jnp.nan)
+
+
+def force_triplet_branch(monkeypatch, mining, branch):
+    """Leaves only ``branch`` ("slotted", "bucketed" or "sorted") of the ``mining`` miner."""
+    from dml_jax.losses import triplet
+
+    for name in TRIPLET_PATHS[mining]:
+        if not name.endswith(branch):
+            monkeypatch.setattr(triplet, name, _nan_branch)
+    # Slot bounds that send every test view (some row has a positive) to ``branch``.
+    monkeypatch.setattr(triplet, "SLOT_SIZES", (128,) if branch == "slotted" else (0,))
+    monkeypatch.setattr(triplet, "BUCKET_SIZES", (128,) if branch == "bucketed" else (0,))
+
+
+def mined_triplet(x, y, state, where, **kwargs):
+    """``triplet_loss`` without its jit cache (so patched branches are traced)."""
+    from dml_jax.losses import _batch, triplet
+    from dml_jax.losses.memory import with_memory
+
+    batch = _batch.pair_batch(x, y, where, None, sort_by_label=True)
+    batch = with_memory(batch, state, sort_by_label=True)
+    return triplet.triplet_from_distances(
+        _batch.distances_of(batch, None), batch, axis_name=None, **kwargs
+    )
+
+
+@pytest.mark.parametrize("memory", sorted(MEMORIES))
+@pytest.mark.parametrize("branch", ["bucketed", "sorted"])
+@pytest.mark.parametrize("mining,margin", [("all", 0.5), ("semi_hard", 1.0)])
+def test_forced_triplet_branches_match_loop_reference(mining, margin, branch, memory,
+                                                      monkeypatch):
+    force_triplet_branch(monkeypatch, mining, branch)
+    state, (mem_e, mem_y, valid, _) = memory_for(memory)
+    entries = refm.memory_entries(mem_e, mem_y, valid)
+    e, y, where = loss_batch()
+    kwargs = {"mining": mining, "margin": margin}
+    value, grad = jax.value_and_grad(lambda x: mined_triplet(x, y, state, where, **kwargs))(e)
+    assert np.isfinite(float(value)) and np.all(np.isfinite(grad))
+    np.testing.assert_allclose(value, refm.triplet(e, y, entries, where=where, **kwargs),
+                               **VALUE_TOL)
+    expected_grad = ref.numerical_grad(
+        lambda x: refm.triplet(x, y, entries, where=where, **kwargs), e
+    )
+    np.testing.assert_allclose(grad, expected_grad, **GRAD_TOL)
+    assert np.all(np.asarray(grad)[~where] == 0)
+
+
+def tied_memory():
+    """A memory holding copies of loss-batch rows (exact distance ties with batch columns),
+    rows repeated within itself, a padding slot, a class of one row (label 9) and labels
+    only in the memory; written twice around a ring of 23 slots."""
+    e, y, _ = loss_batch()
+    rng = np.random.default_rng(3)
+    extra = np.round(rng.normal(size=(8, DIM)) * 2) / 2  # coarse grid: repeated distances
+    rows = np.concatenate([e, e[:4], extra, extra[:3], e[5:7]]).astype(np.float32)
+    labels = np.concatenate([y, y[:4], rng.integers(0, 6, 8), [4, 5, 9], y[5:7]]).astype(
+        np.int32)
+    where = np.ones(len(labels), bool)
+    where[7] = False
+    return filled(23, [(rows[:15], labels[:15], where[:15]), (rows[15:], labels[15:], where[15:]),
+                       (rows[:12], labels[:12], where[:12])])
+
+
+@pytest.mark.parametrize("margin", [0.3, 1.0, -0.2])
+@pytest.mark.parametrize("mining", ["all", "semi_hard"])
+def test_triplet_branches_agree_on_ties(mining, margin, monkeypatch):
+    """Exactly tied negatives share the coefficient in the bucketed path as in the slotted
+    one (the reference's gradient is undefined at such ties: the paths are compared)."""
+    state, (mem_e, mem_y, valid, _) = tied_memory()
+    entries = refm.memory_entries(mem_e, mem_y, valid)
+    e, y, where = loss_batch()
+    kwargs = {"mining": mining, "margin": margin}
+    out = {}
+    for branch in ("slotted", "bucketed"):
+        with monkeypatch.context() as patch:
+            force_triplet_branch(patch, mining, branch)
+            out[branch] = jax.value_and_grad(
+                lambda x: mined_triplet(x, y, state, where, **kwargs))(e)
+    np.testing.assert_allclose(out["bucketed"][0], out["slotted"][0], rtol=1e-6)
+    np.testing.assert_allclose(out["bucketed"][1], out["slotted"][1], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(out["bucketed"][0],
+                               refm.triplet(e, y, entries, where=where, **kwargs), **VALUE_TOL)
+    assert np.all(np.isfinite(out["bucketed"][1]))
+
+
+@pytest.mark.parametrize("mining", ["all", "semi_hard"])
+def test_a_nonfinite_memory_row_gives_a_nan_triplet_loss_on_the_bucketed_path(mining):
+    state, _ = memory_for("big_class")  # a class of 40 memory rows: past the slotted paths
+    e, y, where = loss_batch()
+    bad = state._replace(embeddings=state.embeddings.at[5, 0].set(jnp.nan))
+    assert np.isnan(losses.triplet_loss(e, y, where=where, memory=bad, mining=mining))
