@@ -47,7 +47,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from dml_jax import _checks
+from dml_jax import _checks, distances
 from dml_jax.losses import _batch
 from dml_jax.losses.memory import XBMState, with_memory
 
@@ -318,29 +318,83 @@ def _semi_hard(d, batch, margin):
     return total, count
 
 
-def _batch_hard(d, batch, margin):
+def _batch_hard(d, batch, margin, points=None):
+    valid = jnp.any(batch.pos, axis=1) & jnp.any(batch.neg, axis=1)
+    if points is not None:
+        return _batch_hard_sparse(d, batch, margin, points, valid)
     hardest_pos = jnp.max(jnp.where(batch.pos, d, -jnp.inf), axis=1)
     hardest_neg = jnp.min(jnp.where(batch.neg, d, jnp.inf), axis=1)
-    valid = jnp.any(batch.pos, axis=1) & jnp.any(batch.neg, axis=1)
     terms = jax.nn.relu(
         jnp.where(valid, hardest_pos, 0.0) - jnp.where(valid, hardest_neg, 0.0) + margin
     )
     return _batch.masked_sum(terms, valid), jnp.sum(valid)
 
 
+def _first_column(hit: jax.Array) -> jax.Array:
+    """The first True column of each row of ``hit`` ``[b, W]``, int32 ``[b]`` (``W - 1`` for a
+    row without one). Two plain reductions: faster on CPU than an argmax."""
+    width = hit.shape[1]
+    first = jnp.min(jnp.where(hit, jnp.arange(width, dtype=jnp.int32)[None, :], width), axis=1)
+    return jnp.minimum(first, width - 1)
+
+
+def _batch_hard_sparse(d, batch, margin, points, valid):
+    """Batch-hard whose gradient reaches only the two chosen columns of each anchor.
+
+    The mining runs on the dense ``d`` as constants; the value is the dense one. Its gradient
+    is that of ``d(x_a, x_p) - d(x_a, x_n)`` for the hardest positive and negative, recomputed
+    from the gathered points (``[b, D]`` work), so no ``[b, W]`` gradient or product is formed:
+    the Gram matrix's backward is skipped. At exact ties the gradient goes to the first
+    hardest column (as pytorch-metric-learning's ``BatchHardMiner``'s index), where autodiff
+    of a max would split it among the tied columns: both are subgradients.
+    """
+    const = jax.lax.stop_gradient(d)
+    pos_d = jnp.where(batch.pos, const, -jnp.inf)
+    neg_d = jnp.where(batch.neg, const, jnp.inf)
+    hardest_pos = jnp.max(pos_d, axis=1)
+    hardest_neg = jnp.min(neg_d, axis=1)
+    terms = jnp.where(valid, hardest_pos - hardest_neg + margin, 0.0)
+    active = valid & (terms > 0)  # relu'(0) = 0, as jax.nn.relu
+    p = _first_column(pos_d == hardest_pos[:, None])
+    n = _first_column(neg_d == hardest_neg[:, None])
+
+    def distance_to(index):  # Gram form, as the dense d: its gradient is the same
+        other = points[index]
+        sq = (jnp.sum(batch.rows * batch.rows, axis=1) + jnp.sum(other * other, axis=1)
+              - 2.0 * jnp.sum(batch.rows * other, axis=1))
+        return distances.safe_sqrt(jnp.maximum(sq, 0.0))
+
+    moving = distance_to(p) - distance_to(n)  # value ~0 after the subtraction below
+    gradient_only = jnp.where(active, moving - jax.lax.stop_gradient(moving), 0.0)
+    total = _batch.masked_sum(jnp.maximum(terms, 0.0), valid) + jnp.sum(gradient_only)
+    return total, jnp.sum(valid)
+
+
 MINERS = {"all": _all_triplets, "batch_hard": _batch_hard, "semi_hard": _semi_hard}
 
 
 def triplet_from_distances(
-    d: jax.Array, batch: _batch.PairBatch, *, margin: float, mining: str, axis_name: str | None
+    d: jax.Array,
+    batch: _batch.PairBatch,
+    *,
+    margin: float,
+    mining: str,
+    axis_name: str | None,
+    points: jax.Array | None = None,
 ) -> jax.Array:
     """The triplet loss from distances ``d`` ``[b, M]`` and the view's ``pos``/``neg``
     ``[b, M]`` masks: the global mean of the ``mining`` rule's terms.
 
     Exact for any column order; the ``"all"`` and ``"semi_hard"`` miners are fastest when
     each row's positive columns are close together (``pair_batch(sort_by_label=True)``).
+    ``points`` ``[M, D]``: the points behind ``d``'s columns (``d[a, j]`` the Euclidean
+    distance of ``batch.rows[a]`` to ``points[j]``); given, ``"batch_hard"`` differentiates
+    only the chosen pairs (see :func:`_batch_hard_sparse`).
     """
-    total, count = MINERS[mining](d, batch, margin)
+    if mining == "batch_hard":
+        total, count = _batch_hard(d, batch, margin, points)
+    else:
+        total, count = MINERS[mining](d, batch, margin)
     return _batch.global_mean(total, count, axis_name)
 
 
@@ -393,7 +447,10 @@ def triplet_loss(
         embeddings, labels, where, axis_name, sort_by_label=mining != "batch_hard"
     )
     batch = with_memory(batch, memory, sort_by_label=mining != "batch_hard")
+    points = batch.cols
+    if batch.memory.shape[0]:
+        points = jnp.concatenate([points, batch.memory])
     return triplet_from_distances(
         _batch.distances_of(batch, axis_name), batch, margin=margin, mining=mining,
-        axis_name=axis_name,
+        axis_name=axis_name, points=points,
     )

@@ -74,3 +74,52 @@ def test_permute_rows_gradient_is_the_inverse_permutation():
     g1 = jax.grad(lambda x: jnp.sum(w * _batch.permute_rows(x, order)))(x)
     g2 = jax.grad(lambda x: jnp.sum(w * x[order]))(x)
     np.testing.assert_array_equal(g1, g2)
+
+
+def _batch_hard_both_ways(e, y, where=None):
+    """batch-hard's loss with the sparse gradient (the public path) and with the dense one."""
+    from dml_jax.losses import triplet
+
+    def dense(e):
+        batch = _batch.pair_batch(e, y, where, None)
+        return triplet.triplet_from_distances(
+            _batch.distances_of(batch, None), batch, margin=0.2, mining="batch_hard",
+            axis_name=None,
+        )
+
+    def sparse(e):
+        batch = _batch.pair_batch(e, y, where, None)
+        return triplet.triplet_from_distances(
+            _batch.distances_of(batch, None), batch, margin=0.2, mining="batch_hard",
+            axis_name=None, points=batch.cols,
+        )
+
+    return jax.value_and_grad(sparse)(e), jax.value_and_grad(dense)(e)
+
+
+def test_batch_hard_sparse_gradient_equals_the_dense_one():
+    rng = np.random.default_rng(4)
+    e = jnp.asarray(rng.normal(size=(24, 6)), jnp.float32)
+    y = jnp.asarray(rng.integers(0, 5, size=24), jnp.int32)
+    where = jnp.arange(24) < 21
+    for w in (None, where):
+        (v1, g1), (v2, g2) = _batch_hard_both_ways(e, y, w)
+        assert v1 == v2
+        np.testing.assert_allclose(g1, g2, rtol=1e-5, atol=1e-6)
+
+
+def test_batch_hard_sparse_gradient_on_tied_columns():
+    """Duplicated rows tie as hardest columns: the sparse path gives the first the whole
+    gradient where autodiff splits it; the anchors' gradients and each tied group's sum agree."""
+    rng = np.random.default_rng(5)
+    e = rng.normal(size=(12, 4)).astype(np.float32)
+    e[6] = e[7] = 1.01 * e[0]  # anchor 0's hardest negative, twice
+    y = jnp.asarray([0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3], jnp.int32)
+    (v1, g1), (v2, g2) = _batch_hard_both_ways(jnp.asarray(e), y)
+    g1, g2 = np.asarray(g1), np.asarray(g2)
+    assert not np.allclose(g1[6], g2[6])  # the tie is real: the paths share it differently
+    np.testing.assert_allclose(v1, v2, rtol=1e-6)
+    assert np.all(np.isfinite(g1))
+    others = [i for i in range(12) if i not in (6, 7)]
+    np.testing.assert_allclose(g1[others], g2[others], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(g1[6] + g1[7], g2[6] + g2[7], rtol=1e-5, atol=1e-6)
