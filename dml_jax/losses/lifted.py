@@ -27,7 +27,8 @@ def lifted_from_distances(
     col_lse = parallel.all_gather_rows(row_lse, axis_name)  # [B]
     j = jnp.logaddexp(row_lse[:, None], col_lse[None, :]) + d[:, : pos.shape[1]] - pos_margin
     terms = 0.5 * jnp.square(jax.nn.relu(j))
-    return _batch.global_mean(_batch.masked_sum(terms, pos), jnp.sum(pos), axis_name)
+    count = jnp.sum(pos, dtype=jnp.float32)
+    return _batch.global_mean(_batch.masked_sum(terms, pos), count, axis_name)
 
 
 @functools.partial(jax.jit, static_argnames=("axis_name",))

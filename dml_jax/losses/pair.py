@@ -26,9 +26,10 @@ def contrastive_from_distances(
     ``relu(neg_margin - d)``."""
     pos_term = jax.nn.relu(d - pos_margin)
     neg_term = jax.nn.relu(neg_margin - d)
+    num_pos, num_neg = jnp.sum(pos, dtype=jnp.float32), jnp.sum(neg, dtype=jnp.float32)
     return _batch.global_mean(
-        _batch.masked_sum(pos_term, pos), jnp.sum(pos), axis_name
-    ) + _batch.global_mean(_batch.masked_sum(neg_term, neg), jnp.sum(neg), axis_name)
+        _batch.masked_sum(pos_term, pos), num_pos, axis_name
+    ) + _batch.global_mean(_batch.masked_sum(neg_term, neg), num_neg, axis_name)
 
 
 @functools.partial(jax.jit, static_argnames=("axis_name",))

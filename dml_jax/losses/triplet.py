@@ -98,13 +98,17 @@ def _pack_positives(d, batch, start, slots):
 
 def _all_slotted(d, batch, start, margin, slots):
     d_ap, filled, cols = _pack_positives(d, batch, start, slots)
-    active = (
-        filled[:, :, None]
-        & batch.neg[:, None, :]
-        & (d_ap[:, :, None] + margin > d[:, None, :])
-    )  # [b, S, B]
-    per_positive = jnp.sum(active, axis=2).astype(jnp.float32)  # [b, S]
-    per_negative = jnp.sum(active, axis=1).astype(jnp.float32)  # [b, B]
+    threshold = jnp.where(filled, d_ap + margin, -jnp.inf)  # an empty slot is never active
+    neg_d = jnp.where(batch.neg, d, jnp.inf)  # a non-negative never is
+    # The [b, S, B] comparisons twice, in two shapes (one reduction each), so that XLA fuses
+    # each into its reduction instead of materialising the [b, S, B] tensor for both.
+    per_positive = jnp.sum(  # [b, S]
+        threshold[:, :, None] > neg_d[:, None, :], axis=2, dtype=jnp.float32
+    )
+    per_negative = functools.reduce(  # [b, B]: the S slots unrolled
+        jnp.add,
+        [(threshold[:, s:s + 1] > neg_d).astype(jnp.float32) for s in range(slots)],
+    )
     coef = _scatter_rows(per_positive, cols, d.shape[1]) - per_negative
     return coef, jnp.sum(per_positive)
 
@@ -305,7 +309,8 @@ def _mined_total(d, batch, margin, slotted, fallback, bucketed=None):
 def _all_triplets(d, batch, margin):
     total = _mined_total(d, batch, margin, _all_slotted, _all_sorted, _all_bucketed)
     num_triplets = jnp.sum(
-        jnp.sum(batch.pos, axis=1).astype(jnp.float32) * jnp.sum(batch.neg, axis=1)
+        jnp.sum(batch.pos, axis=1, dtype=jnp.float32)
+        * jnp.sum(batch.neg, axis=1, dtype=jnp.float32)
     )
     return total, num_triplets
 
@@ -314,7 +319,7 @@ def _semi_hard(d, batch, margin):
     total = _mined_total(
         d, batch, margin, _semi_hard_slotted, _semi_hard_sorted, _semi_hard_bucketed
     )
-    count = jnp.sum(batch.pos & jnp.any(batch.neg, axis=1, keepdims=True))
+    count = jnp.sum(batch.pos & jnp.any(batch.neg, axis=1, keepdims=True), dtype=jnp.float32)
     return total, count
 
 
