@@ -10,6 +10,7 @@ matrix of the rows against the gathered columns.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -59,9 +60,28 @@ def check_pairs(num_rows: int) -> None:
         )
 
 
+@jax.custom_vjp
 def _self_dots(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(a.a, a.p, p.p)`` of each pair of ``x`` ``[2n, D]``, float32 ``[n]`` each."""
     a, p = x[0::2], x[1::2]
     return jnp.sum(a * a, axis=1), jnp.sum(a * p, axis=1), jnp.sum(p * p, axis=1)
+
+
+def _self_dots_fwd(x):
+    return _self_dots(x), x
+
+
+def _self_dots_bwd(x, cotangents):
+    # A hand-written gradient keeps the pairs' three vectors one small computation: left to
+    # autodiff, XLA fuses every use of them into the final [2n, D] gradient loop.
+    g_aa, g_ap, g_pp = (jax.lax.optimization_barrier(g) for g in cotangents)
+    a, p = x[0::2], x[1::2]
+    grad_a = 2.0 * g_aa[:, None] * a + g_ap[:, None] * p
+    grad_p = g_ap[:, None] * a + 2.0 * g_pp[:, None] * p
+    return (jnp.stack([grad_a, grad_p], axis=1).reshape(x.shape),)
+
+
+_self_dots.defvjp(_self_dots_fwd, _self_dots_bwd)
 
 
 def pair_layout(
@@ -182,3 +202,73 @@ def angular_logits(layout: PairLayout, x: str, y: str, degree: float) -> jax.Arr
     diag = 2.0 * (1.0 + t2) * self_dots(layout, x, y)
     off = 4.0 * t2 * (cross_dots(layout, x, y) + cross_dots(layout, y, y))
     return jnp.where(diagonal(layout), diag[:, None], off)
+
+
+def _as_row(x):
+    return x[:, None] if jnp.ndim(x) else x
+
+
+def _as_col(x):
+    return x[None, :] if jnp.ndim(x) else x
+
+
+def _first_of(values: list[jax.Array], best: jax.Array) -> jax.Array:
+    """int32 ``[n, N]``: the first index ``c`` with ``values[c] == best`` (``argmax`` of a max)."""
+    choice = jnp.full(best.shape, len(values) - 1, jnp.int32)
+    for c in range(len(values) - 2, -1, -1):
+        choice = jnp.where(values[c] == best, c, choice)
+    return choice
+
+
+def _select(choice: jax.Array, options: list) -> jax.Array:
+    """``options[choice]`` per entry (arrays broadcastable to ``choice``, or scalars)."""
+    out = options[-1]
+    for c in range(len(options) - 2, -1, -1):
+        out = jnp.where(choice == c, options[c], out)
+    return out
+
+
+def max_pair_logits(layout: PairLayout, combos, *, degree: float | None = None) -> jax.Array:
+    """The element-wise max over ``combos`` (pairs of :data:`POINTS`) of the logit matrices
+    ``X_i . Y_j`` (``degree=None``: N-pair) or of :func:`angular_logits` ``(X, Y)``.
+
+    Every combination is one bilinear form of the layout's four blocks,
+    ``U_i u_j aa + U_i v_j ap + V_i u_j pa + V_i v_j pp`` (``X = U a + V p`` per row, ``Y = u a +
+    v p`` per column; angular: ``X + Y`` on the row side). The maximising combination is
+    chosen on constants (the first one on ties) and only its form is differentiated: per-entry
+    coefficients by selection, so the gradient costs a few ``[n, N]`` passes whatever the
+    number of combinations (differentiating the max of all of them costs a row and a column
+    reduction per combination and coefficient). Float32 ``[n, N]``.
+    """
+    rows, cols = [], []
+    for x, y in combos:
+        ux, vx = coefficients(layout.row_dots, x)
+        if degree is not None:  # (X_i + Y_i) . Y_j
+            uy_row, vy_row = coefficients(layout.row_dots, y)
+            ux, vx = ux + uy_row, vx + vy_row
+        rows.append((ux, vx))
+        cols.append(coefficients(layout.col_dots, y))
+
+    def form(row, col, blocks):
+        (big_u, big_v), (u, v) = row, col
+        aa, ap, pa, pp = blocks
+        big_u, big_v, u, v = _as_row(big_u), _as_row(big_v), _as_col(u), _as_col(v)
+        return big_u * u * aa + big_u * v * ap + big_v * u * pa + big_v * v * pp
+
+    blocks = (layout.aa, layout.ap, layout.pa, layout.pp)
+    const = jax.lax.stop_gradient((rows, cols, blocks))
+    values = [form(r, c, const[2]) for r, c in zip(*const[:2])]
+    choice = _first_of(values, functools.reduce(jnp.maximum, values))
+    picked = [
+        _select(choice, [_as_row(r[k]) for r in rows]) for k in range(2)
+    ] + [_select(choice, [_as_col(c[k]) for c in cols]) for k in range(2)]
+    big_u, big_v, u, v = picked
+    logits = big_u * u * layout.aa + big_u * v * layout.ap + big_v * u * layout.pa
+    logits = logits + big_v * v * layout.pp
+    if degree is None:
+        return logits
+    t2 = math.tan(math.radians(degree)) ** 2
+    # An element-wise maximum (ties split evenly); a max over a stacked axis gave NaN
+    # gradients on ties when differentiated through an inner jit.
+    diag = functools.reduce(jnp.maximum, [self_dots(layout, x, y) for x, y in combos])
+    return jnp.where(diagonal(layout), 2.0 * (1.0 + t2) * diag[:, None], 4.0 * t2 * logits)

@@ -43,8 +43,8 @@ from dml_jax.losses._pairs import (
     PairLayout,
     angular_logits,
     check_pairs,
-    cross_dots,
     l2_regulariser,
+    max_pair_logits,
     pair_layout,
     reflection_coefficient,
     same_class,
@@ -367,8 +367,8 @@ NPAIR_COMBINATIONS = tuple(itertools.combinations(POINTS, 2))  # the official co
 ANGULAR_COMBINATIONS = tuple(itertools.permutations(POINTS, 2))  # the official code's 12
 
 
-def _max_logits(layout: PairLayout, combos, logit_fn, original, positive: str) -> jax.Array:
-    logits = functools.reduce(jnp.maximum, [logit_fn(layout, x, y) for x, y in combos])
+def _max_logits(layout: PairLayout, combos, original, positive: str, degree=None) -> jax.Array:
+    logits = max_pair_logits(layout, combos, degree=degree)
     if positive == "original":
         logits = jnp.where(same_class(layout), original, logits)
     return logits
@@ -415,7 +415,7 @@ def symmetric_npair_loss(
     """
     _checks.check_choice(positive, "positive", POSITIVE_RULES)
     layout = pair_layout(embeddings, labels, where, axis_name)
-    logits = _max_logits(layout, NPAIR_COMBINATIONS, cross_dots, layout.ap, positive)
+    logits = _max_logits(layout, NPAIR_COMBINATIONS, layout.ap, positive)
     return softmax_cross_entropy(logits, layout, axis_name) + l2_reg * l2_regulariser(
         layout, axis_name
     )
@@ -456,9 +456,8 @@ def symmetric_angular_loss(
     """
     _checks.check_choice(positive, "positive", POSITIVE_RULES)
     layout = pair_layout(embeddings, labels, where, axis_name)
-    fn = lambda lay, x, y: angular_logits(lay, x, y, degree)
-    original = fn(layout, "a", "p")
-    logits = _max_logits(layout, ANGULAR_COMBINATIONS, fn, original, positive)
+    original = angular_logits(layout, "a", "p", degree)
+    logits = _max_logits(layout, ANGULAR_COMBINATIONS, original, positive, degree=degree)
     return softmax_cross_entropy(logits, layout, axis_name) + l2_reg * l2_regulariser(
         layout, axis_name
     )
