@@ -44,6 +44,9 @@ class PairBatch(NamedTuple):
       memory: float32 ``[M, D]`` constant columns after the ``B`` batch columns (a
         cross-batch memory; ``M = 0`` without one). ``pos``/``neg``/``col_labels``/
         ``col_valid`` then span all ``B + M`` columns.
+      pos_count: float32 ``[b]``: each row's number of positive columns (``sum(pos, 1)``),
+        counted from the sorted labels, not from the ``[b, W]`` mask.
+      neg_count: float32 ``[b]``: each row's number of negative columns (``sum(neg, 1)``).
     """
 
     rows: jax.Array
@@ -56,6 +59,8 @@ class PairBatch(NamedTuple):
     neg: jax.Array
     row_ids: jax.Array
     memory: jax.Array
+    pos_count: jax.Array
+    neg_count: jax.Array
 
 
 def pair_batch(
@@ -91,6 +96,7 @@ def pair_batch(
     not_self = row_ids[:, None] != col_ids[None, :]
     both_valid = row_valid[:, None] & col_valid[None, :]
     same = distances.same_label_mask(row_labels, col_labels)
+    same_label_count = label_counts(row_labels, col_labels, col_valid)
     return PairBatch(
         rows=rows,
         cols=cols,
@@ -102,7 +108,25 @@ def pair_batch(
         neg=~same & both_valid,
         row_ids=row_ids,
         memory=jnp.zeros((0, rows.shape[1]), jnp.float32),
+        pos_count=jnp.where(row_valid, same_label_count - 1, 0).astype(jnp.float32),
+        neg_count=jnp.where(
+            row_valid, jnp.sum(col_valid, dtype=jnp.int32) - same_label_count, 0
+        ).astype(jnp.float32),
     )
+
+
+def label_counts(queries: jax.Array, labels: jax.Array, valid: jax.Array) -> jax.Array:
+    """For each query label ``[b]``, how many valid ``labels`` ``[M]`` equal it: int32 ``[b]``.
+
+    One ``[M]`` sort and two binary searches per query (``O((M + b) log M)``), where counting
+    a ``[b, M]`` mask costs a full pass over it.
+    """
+    top = jnp.iinfo(jnp.int32).max
+    ordered = jnp.sort(jnp.where(valid, labels, top))
+    num_valid = jnp.sum(valid, dtype=jnp.int32)
+    below = jnp.minimum(jnp.searchsorted(ordered, queries, side="left"), num_valid)
+    upto = jnp.minimum(jnp.searchsorted(ordered, queries, side="right"), num_valid)
+    return (upto - below).astype(jnp.int32)
 
 
 def label_order(labels: jax.Array, valid: jax.Array) -> jax.Array:
@@ -149,12 +173,17 @@ def append_memory(
     """
     same = distances.same_label_mask(batch.row_labels, labels)
     both_valid = batch.row_valid[:, None] & valid[None, :]
+    in_memory = label_counts(batch.row_labels, labels, valid).astype(jnp.float32)
     return batch._replace(
         memory=jax.lax.stop_gradient(cols.astype(jnp.float32)),
         col_labels=jnp.concatenate([batch.col_labels, labels], axis=0),
         col_valid=jnp.concatenate([batch.col_valid, valid], axis=0),
         pos=jnp.concatenate([batch.pos, same & both_valid], axis=1),
         neg=jnp.concatenate([batch.neg, ~same & both_valid], axis=1),
+        pos_count=batch.pos_count + jnp.where(batch.row_valid, in_memory, 0.0),
+        neg_count=batch.neg_count + jnp.where(
+            batch.row_valid, jnp.sum(valid, dtype=jnp.float32) - in_memory, 0.0
+        ),
     )
 
 

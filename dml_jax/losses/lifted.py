@@ -19,15 +19,17 @@ def lifted_from_distances(
     neg_margin: float,
     pos_margin: float,
     axis_name: str | None,
+    pos_count: jax.Array | None = None,
 ) -> jax.Array:
     """The lifted structured loss from distances ``d`` ``[b, M]`` (``M >= B``), the negatives
     ``neg`` ``[b, M]`` of each row and the positive pairs ``pos`` ``[b, B]`` (among the first
-    ``B`` columns, the global batch, whose log-sum-exps are gathered)."""
+    ``B`` columns, the global batch, whose log-sum-exps are gathered). ``pos_count``: each
+    row's number of positives ``[b]`` when known (saves a pass over ``pos``)."""
     row_lse = _batch.masked_logsumexp(neg_margin - d, neg)  # [b]
     col_lse = parallel.all_gather_rows(row_lse, axis_name)  # [B]
     j = jnp.logaddexp(row_lse[:, None], col_lse[None, :]) + d[:, : pos.shape[1]] - pos_margin
     terms = 0.5 * jnp.square(jax.nn.relu(j))
-    count = jnp.sum(pos, dtype=jnp.float32)
+    count = jnp.sum(pos, dtype=jnp.float32) if pos_count is None else jnp.sum(pos_count)
     return _batch.global_mean(_batch.masked_sum(terms, pos), count, axis_name)
 
 
@@ -73,4 +75,5 @@ def lifted_structure_loss(
     return lifted_from_distances(
         _batch.distances_of(batch, axis_name), batch.neg, batch.pos,
         neg_margin=neg_margin, pos_margin=pos_margin, axis_name=axis_name,
+        pos_count=batch.pos_count,
     )

@@ -20,13 +20,17 @@ def contrastive_from_distances(
     pos_margin: float,
     neg_margin: float,
     axis_name: str | None,
+    counts: tuple[jax.Array, jax.Array] | None = None,
 ) -> jax.Array:
     """The contrastive loss from distances ``d`` ``[b, M]`` and masks ``pos``/``neg`` ``[b, M]``:
     global mean over ``pos`` of ``relu(d - pos_margin)`` + over ``neg`` of
-    ``relu(neg_margin - d)``."""
+    ``relu(neg_margin - d)``. ``counts``: ``(sum(pos), sum(neg))`` when known (saves two
+    passes over the masks)."""
     pos_term = jax.nn.relu(d - pos_margin)
     neg_term = jax.nn.relu(neg_margin - d)
-    num_pos, num_neg = jnp.sum(pos, dtype=jnp.float32), jnp.sum(neg, dtype=jnp.float32)
+    if counts is None:
+        counts = jnp.sum(pos, dtype=jnp.float32), jnp.sum(neg, dtype=jnp.float32)
+    num_pos, num_neg = counts
     return _batch.global_mean(
         _batch.masked_sum(pos_term, pos), num_pos, axis_name
     ) + _batch.global_mean(_batch.masked_sum(neg_term, neg), num_neg, axis_name)
@@ -77,4 +81,5 @@ def contrastive_loss(
     return contrastive_from_distances(
         _batch.distances_of(batch, axis_name, symmetric=True), batch.pos, batch.neg,
         pos_margin=pos_margin, neg_margin=neg_margin, axis_name=axis_name,
+        counts=(jnp.sum(batch.pos_count), jnp.sum(batch.neg_count)),
     )

@@ -219,7 +219,9 @@ def symmetric_hard_negatives(
 
 
 def _view_batch(view: SymmetricView) -> _batch.PairBatch:
-    return view.batch._replace(pos=view.pos, neg=view.neg)
+    return view.batch._replace(  # the view's positives are the batch's: pos_count holds
+        pos=view.pos, neg=view.neg, neg_count=jnp.sum(view.neg, axis=1, dtype=jnp.float32)
+    )
 
 
 @functools.partial(jax.jit, static_argnames=("mining", "axis_name"))
@@ -268,6 +270,7 @@ def symmetric_lifted_structure_loss(
     return lifted_from_distances(
         distances.safe_sqrt(view.sq), view.neg, view.batch.pos,
         neg_margin=neg_margin, pos_margin=pos_margin, axis_name=axis_name,
+        pos_count=view.batch.pos_count,
     )
 
 

@@ -308,10 +308,7 @@ def _mined_total(d, batch, margin, slotted, fallback, bucketed=None):
 
 def _all_triplets(d, batch, margin):
     total = _mined_total(d, batch, margin, _all_slotted, _all_sorted, _all_bucketed)
-    num_triplets = jnp.sum(
-        jnp.sum(batch.pos, axis=1, dtype=jnp.float32)
-        * jnp.sum(batch.neg, axis=1, dtype=jnp.float32)
-    )
+    num_triplets = jnp.sum(batch.pos_count * batch.neg_count)
     return total, num_triplets
 
 
@@ -319,12 +316,12 @@ def _semi_hard(d, batch, margin):
     total = _mined_total(
         d, batch, margin, _semi_hard_slotted, _semi_hard_sorted, _semi_hard_bucketed
     )
-    count = jnp.sum(batch.pos & jnp.any(batch.neg, axis=1, keepdims=True), dtype=jnp.float32)
+    count = jnp.sum(jnp.where(batch.neg_count > 0, batch.pos_count, 0.0))
     return total, count
 
 
 def _batch_hard(d, batch, margin, points=None):
-    valid = jnp.any(batch.pos, axis=1) & jnp.any(batch.neg, axis=1)
+    valid = (batch.pos_count > 0) & (batch.neg_count > 0)
     if points is not None:
         return _batch_hard_sparse(d, batch, margin, points, valid)
     hardest_pos = jnp.max(jnp.where(batch.pos, d, -jnp.inf), axis=1)
@@ -332,7 +329,7 @@ def _batch_hard(d, batch, margin, points=None):
     terms = jax.nn.relu(
         jnp.where(valid, hardest_pos, 0.0) - jnp.where(valid, hardest_neg, 0.0) + margin
     )
-    return _batch.masked_sum(terms, valid), jnp.sum(valid)
+    return _batch.masked_sum(terms, valid), jnp.sum(valid, dtype=jnp.float32)
 
 
 def _first_column(hit: jax.Array) -> jax.Array:
@@ -372,7 +369,7 @@ def _batch_hard_sparse(d, batch, margin, points, valid):
     moving = distance_to(p) - distance_to(n)  # value ~0 after the subtraction below
     gradient_only = jnp.where(active, moving - jax.lax.stop_gradient(moving), 0.0)
     total = _batch.masked_sum(jnp.maximum(terms, 0.0), valid) + jnp.sum(gradient_only)
-    return total, jnp.sum(valid)
+    return total, jnp.sum(valid, dtype=jnp.float32)
 
 
 MINERS = {"all": _all_triplets, "batch_hard": _batch_hard, "semi_hard": _semi_hard}

@@ -1,4 +1,5 @@
-"""The view's Gram matrix: its hand-written gradient against autodiff of the plain products."""
+"""The pair view's hand-written pieces (Gram gradient, row permutation, label counts, sparse
+batch-hard gradient) against the plain computations they replace."""
 
 from __future__ import annotations
 
@@ -123,3 +124,18 @@ def test_batch_hard_sparse_gradient_on_tied_columns():
     others = [i for i in range(12) if i not in (6, 7)]
     np.testing.assert_allclose(g1[others], g2[others], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(g1[6] + g1[7], g2[6] + g2[7], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("sort_by_label", [False, True])
+def test_pos_and_neg_counts_equal_the_mask_sums(sort_by_label):
+    rng = np.random.default_rng(6)
+    e = jnp.asarray(rng.normal(size=(20, 3)), jnp.float32)
+    y = jnp.asarray(rng.integers(0, 4, size=20), jnp.int32).at[3].set(jnp.iinfo(jnp.int32).max)
+    where = jnp.asarray(rng.random(20) > 0.2)
+    batch = _batch.pair_batch(e, y, where, None, sort_by_label=sort_by_label)
+    mem_labels = jnp.asarray(rng.integers(0, 5, size=9), jnp.int32)
+    mem_valid = jnp.asarray(rng.random(9) > 0.3)
+    wide = _batch.append_memory(batch, jnp.zeros((9, 3)), mem_labels, mem_valid)
+    for view in (batch, wide):
+        np.testing.assert_array_equal(view.pos_count, np.sum(np.asarray(view.pos), axis=1))
+        np.testing.assert_array_equal(view.neg_count, np.sum(np.asarray(view.neg), axis=1))
