@@ -417,7 +417,9 @@ def triplet_loss(
     * ``"all"``: mean over every valid triplet ``(a, p, n)`` (``a != p`` same label, ``n``
       another label) of ``relu(d_ap - d_an + margin)``.
     * ``"batch_hard"`` (Hermans et al. 2017): per anchor with at least one positive and one
-      negative, ``relu(max_p d_ap - min_n d_an + margin)``; mean over those anchors.
+      negative, ``relu(max_p d_ap - min_n d_an + margin)``; mean over those anchors. Only
+      the chosen pairs are differentiated (no ``[B, B]`` backward); at an exact tie the
+      gradient goes to the first tied column.
     * ``"semi_hard"`` (Schroff et al. 2015): per positive pair ``(a, p)`` whose anchor has a
       negative, ``n*`` is the closest negative with ``d_an > d_ap``, or the farthest negative if
       none is; ``relu(d_ap - d_an* + margin)``, mean over those pairs.
