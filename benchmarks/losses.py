@@ -8,10 +8,10 @@ layout instead, ``B / 2`` classes of two consecutive rows). For each loss it pri
 median time, the peer's (pytorch-metric-learning on torch CPU, configured to the same semantics
 where one exists), the speed-up ``peer / dml_jax``, the ratio to the matmul floor (``e @ e.T``
 and one ``[B, B] @ [B, D]``, forward+backward in JAX), the ratio to the plain contrastive loss
-on the same batch, and whether the two values agree. The losses on learned class parameters
-(``benchmarks/losses_proxy.py``: Proxy-Anchor, ProxyNCA, ArcFace, CosFace, SoftTriple) get one
-parameter row per class (SoftTriple: 10) and both sides differentiate it too. Needs the ``bench``
-extra (torch, pytorch-metric-learning).
+on the same batch (both timed alternately with the loss), and whether the two values agree. The
+losses on learned class parameters (``benchmarks/losses_proxy.py``: Proxy-Anchor, ProxyNCA,
+ArcFace, CosFace, SoftTriple) get one parameter row per class (SoftTriple: 10) and both sides
+differentiate it too. Needs the ``bench`` extra (torch, pytorch-metric-learning).
 """
 
 from __future__ import annotations
@@ -66,23 +66,29 @@ def _timed(fn: Callable, *args) -> float:
 
 def time_jax(
     fn: Callable, e: jax.Array, y: jax.Array, repeats: int, params: jax.Array | None = None,
-    *, floor_cols: jax.Array | None = None, **kwargs,
-) -> tuple[float, float, float]:
+    *, floor_cols: jax.Array | None = None, baseline: Callable | None = None, **kwargs,
+) -> tuple[float, float, float, float | None]:
     """Median seconds of jitted value_and_grad (for the embeddings, and for ``params`` when
-    given: ``fn(e, y, params)``), the loss value, and the median seconds of the matmul floor
-    :func:`pair_floor` (``floor_cols``: the candidate columns, default ``e``) timed
-    alternately with the loss, so both see the same machine state."""
+    given: ``fn(e, y, params)``), the loss value, the median seconds of the matmul floor
+    :func:`pair_floor` (``floor_cols``: the candidate columns, default ``e``) and of the
+    jitted step ``baseline(e)`` (when given), all timed alternately with the loss, so each
+    ratio compares runs that saw the same machine state."""
     args = (e, y) if params is None else (e, y, params)
     step = jax.jit(jax.value_and_grad(lambda *a: fn(*a, **kwargs),
                                       argnums=0 if params is None else (0, 2)))
     cols = e if floor_cols is None else floor_cols
     value, grad = step(*args)
     jax.block_until_ready((grad, pair_floor(e, cols)))
-    times, floors = [], []
+    if baseline is not None:
+        jax.block_until_ready(baseline(e))
+    times, floors, bases = [], [], []
     for _ in range(repeats):
         times.append(_timed(step, *args))
         floors.append(_timed(pair_floor, e, cols))
-    return statistics.median(times), float(value), statistics.median(floors)
+        if baseline is not None:
+            bases.append(_timed(baseline, e))
+    return (statistics.median(times), float(value), statistics.median(floors),
+            statistics.median(bases) if bases else None)
 
 
 def time_torch(loss_obj, miner, e_np: np.ndarray, y_np: np.ndarray, repeats: int):
@@ -174,10 +180,10 @@ def peers():
     return table
 
 
-def proxy_rows(args, e_np: np.ndarray, y_np: np.ndarray):
+def proxy_rows(args, e_np: np.ndarray, y_np: np.ndarray, baseline: Callable):
     """Rows of the proxy / margin-softmax / pair-softmax losses, on a shared parameter array.
 
-    Yields ``(name, t_jax, t_peer or None, v_jax, v_peer or None)``.
+    Yields ``(name, t_jax, t_peer or None, v_jax, v_peer or None, t_floor, t_baseline)``.
     """
     from benchmarks.losses_proxy import PROXY_LOSSES
 
@@ -188,21 +194,23 @@ def proxy_rows(args, e_np: np.ndarray, y_np: np.ndarray):
         if args.only and name not in args.only:
             continue
         p_np = rng.normal(size=(num_classes * max(rows, 1), args.dim)).astype(np.float32)
-        t_jax, v_jax, t_floor = time_jax(fn, e, y, args.repeats, params=jnp.asarray(p_np))
+        t_jax, v_jax, t_floor, t_base = time_jax(
+            fn, e, y, args.repeats, params=jnp.asarray(p_np), baseline=baseline
+        )
         t_peer = v_peer = None
         try:
             import torch
 
             loss_obj, attr, transposed = make_peer(num_classes, args.dim)
         except ImportError:
-            yield name, t_jax, None, v_jax, None, t_floor
+            yield name, t_jax, None, v_jax, None, t_floor, t_base
             continue
         if attr is not None:
             with torch.no_grad():
                 getattr(loss_obj, attr).copy_(torch.from_numpy(p_np.T.copy() if transposed
                                                                else p_np))
         t_peer, v_peer = time_torch(loss_obj, None, e_np, y_np, max(3, args.repeats // 3))
-        yield name, t_jax, t_peer, v_jax, v_peer, t_floor
+        yield name, t_jax, t_peer, v_jax, v_peer, t_floor, t_base
 
 
 def main() -> None:
@@ -224,9 +232,9 @@ def main() -> None:
     e, y = jnp.asarray(e_np), jnp.asarray(y_np)
     y_pairs = jnp.repeat(jnp.arange(args.batch // 2, dtype=jnp.int32), 2)
 
-    contrastive = {
-        "pk": time_jax(losses.contrastive_loss, e, y, args.repeats)[0],
-        "pairs": time_jax(losses.contrastive_loss, e, y_pairs, args.repeats)[0],
+    contrastive = {  # jitted contrastive steps, timed alternately with each loss
+        layout: jax.jit(jax.value_and_grad(lambda e, y=labels: losses.contrastive_loss(e, y)))
+        for layout, labels in (("pk", y), ("pairs", y_pairs))
     }
     try:
         import torch
@@ -245,7 +253,9 @@ def main() -> None:
         if args.only and name not in args.only:
             continue
         layout = "pairs" if name.startswith(PAIR_LAYOUT) else "pk"
-        t_jax, v_jax, floor = time_jax(fn, e, y_pairs if layout == "pairs" else y, args.repeats)
+        t_jax, v_jax, floor, t_contr = time_jax(
+            fn, e, y_pairs if layout == "pairs" else y, args.repeats, baseline=contrastive[layout]
+        )
         peer_ms = speedup = agree = "-"
         if peer is not None:
             loss_obj, miner = peer()
@@ -262,15 +272,17 @@ def main() -> None:
                     f"{v_jax:.4g}/{v_peer:.4g}")
         name_shown = f"{name} (pairs)" if layout == "pairs" else name
         print(f"{name_shown:<26}{t_jax * 1e3:>11.1f}{peer_ms:>10}{speedup:>10}"
-              f"{t_jax / floor:>9.2f}{t_jax / contrastive[layout]:>9.2f}{agree:>10}")
-    for name, t_jax, t_peer, v_jax, v_peer, floor in proxy_rows(args, e_np, y_np):
+              f"{t_jax / floor:>9.2f}{t_jax / t_contr:>9.2f}{agree:>10}")
+    for name, t_jax, t_peer, v_jax, v_peer, floor, t_contr in proxy_rows(
+        args, e_np, y_np, contrastive["pk"]
+    ):
         peer_ms = speedup = agree = "-"
         if t_peer is not None:
             peer_ms, speedup = f"{t_peer * 1e3:.1f}", f"{t_peer / t_jax:.1f}x"
             agree = "same" if abs(v_peer - v_jax) <= 1e-4 * max(1.0, abs(v_jax)) else (
                 f"{v_jax:.4g}/{v_peer:.4g}")
         print(f"{name:<26}{t_jax * 1e3:>11.1f}{peer_ms:>10}{speedup:>10}"
-              f"{t_jax / floor:>9.2f}{t_jax / contrastive['pk']:>9.2f}{agree:>10}")
+              f"{t_jax / floor:>9.2f}{t_jax / t_contr:>9.2f}{agree:>10}")
     if args.memory:
         memory_rows(args, e, y)
 
@@ -298,8 +310,8 @@ def memory_rows(args, e: jax.Array, y: jax.Array) -> None:
     print(f"# with a full cross-batch memory of M = {m}: x floor = loss / (e @ [e; memory].T "
           "and one [B, B + M] @ [B + M, D])")
     for name, (fn, kwargs) in MEMORY_LOSSES.items():
-        t_jax, _, floor = time_jax(fn, e, y, args.repeats, floor_cols=cols, memory=state,
-                                   **kwargs)
+        t_jax, _, floor, _ = time_jax(fn, e, y, args.repeats, floor_cols=cols, memory=state,
+                                      **kwargs)
         print(f"{name + ' + XBM':<26}{t_jax * 1e3:>11.1f}{'-':>10}{'-':>10}"
               f"{t_jax / floor:>9.2f}{'-':>9}{'-':>10}")
 
