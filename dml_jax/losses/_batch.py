@@ -227,6 +227,17 @@ def self_gram(x: jax.Array, symmetric: bool = False) -> jax.Array:
 self_gram.defvjp(_self_gram_fwd, _self_gram_bwd)
 
 
+def points(
+    batch: PairBatch, axis_name: str | None, *, normalize: bool = False
+) -> tuple[jax.Array, jax.Array]:
+    """The view's rows ``[b, D]`` and batch columns ``[B, D]`` (L2-normalised when
+    ``normalize``); without ``axis_name`` the columns *are* the rows, the same array."""
+    rows = distances.l2_normalize(batch.rows) if normalize else batch.rows
+    if axis_name is None:
+        return rows, rows
+    return rows, distances.l2_normalize(batch.cols) if normalize else batch.cols
+
+
 def gram(
     batch: PairBatch,
     axis_name: str | None,
@@ -247,12 +258,10 @@ def gram(
     Returns:
       float32 arrays. Memory: ``G`` plus its gradient.
     """
-    rows = distances.l2_normalize(batch.rows) if normalize else batch.rows
+    rows, cols = points(batch, axis_name, normalize=normalize)
     if axis_name is None:
-        cols = rows
         g = self_gram(rows, symmetric)
     else:
-        cols = distances.l2_normalize(batch.cols) if normalize else batch.cols
         g = distances.dot_products(rows, cols)
     row_sq = jnp.sum(rows * rows, axis=1)
     col_sq = jnp.sum(cols * cols, axis=1)

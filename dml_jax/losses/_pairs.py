@@ -17,7 +17,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from dml_jax import distances, parallel
+from dml_jax import parallel
 from dml_jax.losses import _batch
 
 _AXIS_FLOOR = 1e-12  # an axis with ||a||^2 below this counts as zero: reflect(p about 0) = -p
@@ -95,9 +95,7 @@ def pair_layout(
     """Builds the :class:`PairLayout` (holds the ``[b, B]`` Gram matrix)."""
     batch = _batch.pair_batch(embeddings, labels, where, axis_name)
     check_pairs(batch.rows.shape[0])
-    rows, cols = batch.rows, batch.cols
-    if normalize:
-        rows, cols = distances.l2_normalize(rows), distances.l2_normalize(cols)
+    rows, cols = _batch.points(batch, axis_name, normalize=normalize)
     g = _batch.gram(batch, axis_name, normalize=normalize)[0]
     n = rows.shape[0] // 2
     return PairLayout(
@@ -212,7 +210,7 @@ def _as_col(x):
     return x[None, :] if jnp.ndim(x) else x
 
 
-def _first_of(values: list[jax.Array], best: jax.Array) -> jax.Array:
+def first_of(values: list[jax.Array], best: jax.Array) -> jax.Array:
     """int32 ``[n, N]``: the first index ``c`` with ``values[c] == best`` (``argmax`` of a max)."""
     choice = jnp.full(best.shape, len(values) - 1, jnp.int32)
     for c in range(len(values) - 2, -1, -1):
@@ -220,7 +218,7 @@ def _first_of(values: list[jax.Array], best: jax.Array) -> jax.Array:
     return choice
 
 
-def _select(choice: jax.Array, options: list) -> jax.Array:
+def select(choice: jax.Array, options: list) -> jax.Array:
     """``options[choice]`` per entry (arrays broadcastable to ``choice``, or scalars)."""
     out = options[-1]
     for c in range(len(options) - 2, -1, -1):
@@ -240,31 +238,25 @@ def max_pair_logits(layout: PairLayout, combos, *, degree: float | None = None) 
     number of combinations (differentiating the max of all of them costs a row and a column
     reduction per combination and coefficient). Float32 ``[n, N]``.
     """
-    rows, cols = [], []
+    forms = []  # (U [n, 1], V [n, 1], u [1, N], v [1, N]) per combination (or scalars)
     for x, y in combos:
         ux, vx = coefficients(layout.row_dots, x)
         if degree is not None:  # (X_i + Y_i) . Y_j
             uy_row, vy_row = coefficients(layout.row_dots, y)
             ux, vx = ux + uy_row, vx + vy_row
-        rows.append((ux, vx))
-        cols.append(coefficients(layout.col_dots, y))
+        uy, vy = coefficients(layout.col_dots, y)
+        forms.append((_as_row(ux), _as_row(vx), _as_col(uy), _as_col(vy)))
 
-    def form(row, col, blocks):
-        (big_u, big_v), (u, v) = row, col
+    def bilinear(big_u, big_v, u, v, blocks):
         aa, ap, pa, pp = blocks
-        big_u, big_v, u, v = _as_row(big_u), _as_row(big_v), _as_col(u), _as_col(v)
         return big_u * u * aa + big_u * v * ap + big_v * u * pa + big_v * v * pp
 
     blocks = (layout.aa, layout.ap, layout.pa, layout.pp)
-    const = jax.lax.stop_gradient((rows, cols, blocks))
-    values = [form(r, c, const[2]) for r, c in zip(*const[:2])]
-    choice = _first_of(values, functools.reduce(jnp.maximum, values))
-    picked = [
-        _select(choice, [_as_row(r[k]) for r in rows]) for k in range(2)
-    ] + [_select(choice, [_as_col(c[k]) for c in cols]) for k in range(2)]
-    big_u, big_v, u, v = picked
-    logits = big_u * u * layout.aa + big_u * v * layout.ap + big_v * u * layout.pa
-    logits = logits + big_v * v * layout.pp
+    const_forms, const_blocks = jax.lax.stop_gradient((forms, blocks))
+    values = [bilinear(*f, const_blocks) for f in const_forms]
+    choice = first_of(values, functools.reduce(jnp.maximum, values))
+    picked = [select(choice, [f[k] for f in forms]) for k in range(4)]
+    logits = bilinear(*picked, blocks)
     if degree is None:
         return logits
     t2 = math.tan(math.radians(degree)) ** 2

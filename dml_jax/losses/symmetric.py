@@ -43,11 +43,13 @@ from dml_jax.losses._pairs import (
     PairLayout,
     angular_logits,
     check_pairs,
+    first_of,
     l2_regulariser,
     max_pair_logits,
     pair_layout,
     reflection_coefficient,
     same_class,
+    select,
     softmax_cross_entropy,
 )
 from dml_jax.losses.lifted import lifted_from_distances
@@ -138,33 +140,33 @@ def symmetric_view(
     """
     batch = _batch.pair_batch(embeddings, labels, where, axis_name)
     check_pairs(batch.rows.shape[0])
-    cols = distances.l2_normalize(batch.cols) if normalize else batch.cols
+    cols = _batch.points(batch, axis_name, normalize=normalize)[1]
     g, n_rows, n_cols = _batch.gram(batch, axis_name, normalize=normalize)  # [b, B], [b], [B]
-    sq = jnp.maximum(n_rows[:, None] + n_cols[None, :] - 2.0 * g, 0.0)
+
+    def squared(col_norms, dots):  # |x_i - y|^2 from |y|^2 [1, N] and x_i . y [b, N]
+        return jnp.maximum(n_rows[:, None] + col_norms - 2.0 * dots, 0.0)
+
+    sq = squared(n_cols[None, :], g)
     xk, xl = cols[0::2], cols[1::2]
     nk, nl = n_cols[0::2], n_cols[1::2]
     kl = jnp.sum(xk * xl, axis=1)
     g_k, g_l = g[:, 0::2], g[:, 1::2]
     c_l = reflection_coefficient(kl, nl)[None, :]  # x'_k = c_l x_l - x_k
     c_k = reflection_coefficient(kl, nk)[None, :]  # x'_l = c_k x_k - x_l
-    base = n_rows[:, None]
-    candidates = (  # squared distances to x_k, x_l, x'_k, x'_l (constants: they only choose)
-        base + nk[None, :] - 2.0 * g_k,
-        base + nl[None, :] - 2.0 * g_l,
-        base + nk[None, :] - 2.0 * (c_l * g_l - g_k),
-        base + nl[None, :] - 2.0 * (c_k * g_k - g_l),
-    )
-    candidates = [jax.lax.stop_gradient(c) for c in candidates]
-    closest = functools.reduce(jnp.minimum, candidates)
-    choice = jnp.where(candidates[0] == closest, 0, jnp.where(  # the first closest, as argmin
-        candidates[1] == closest, 1, jnp.where(candidates[2] == closest, 2, 3))).astype(jnp.int32)
+    nk, nl = nk[None, :], nl[None, :]
+    candidates = jax.lax.stop_gradient([  # to x_k, x_l, x'_k, x'_l (constants: they only choose)
+        squared(nk, g_k),
+        squared(nl, g_l),
+        squared(nk, c_l * g_l - g_k),
+        squared(nl, c_k * g_k - g_l),
+    ])
+    choice = first_of(candidates, functools.reduce(jnp.minimum, candidates))  # as argmin
     # The chosen point is u x_k + v x_l: its dot with x_i is u g_k + v g_l, elementwise in
     # both directions (no [4, b, N] stack to differentiate).
-    u = jnp.where(choice == 0, 1.0, jnp.where(choice == 1, 0.0, jnp.where(choice == 2, -1.0, c_k)))
-    v = jnp.where(choice == 0, 0.0, jnp.where(choice == 1, 1.0, jnp.where(choice == 2, c_l, -1.0)))
+    u = select(choice, [1.0, 0.0, -1.0, c_k])
+    v = select(choice, [0.0, 1.0, c_l, -1.0])
     mined_dots = u * g_k + v * g_l
-    mined_norms = jnp.where(choice % 2 == 0, nk[None, :], nl[None, :])
-    mined_sq = jnp.maximum(base + mined_norms - 2.0 * mined_dots, 0.0)
+    mined_sq = squared(jnp.where(choice % 2 == 0, nk, nl), mined_dots)
 
     pair_labels = batch.col_labels[0::2]
     pair_valid = batch.col_valid[0::2] & batch.col_valid[1::2]

@@ -360,10 +360,11 @@ def _batch_hard_sparse(d, batch, margin, points, valid):
     p = _first_column(pos_d == hardest_pos[:, None])
     n = _first_column(neg_d == hardest_neg[:, None])
 
+    row_sq = jnp.sum(batch.rows * batch.rows, axis=1)
+
     def distance_to(index):  # Gram form, as the dense d: its gradient is the same
         other = points[index]
-        sq = (jnp.sum(batch.rows * batch.rows, axis=1) + jnp.sum(other * other, axis=1)
-              - 2.0 * jnp.sum(batch.rows * other, axis=1))
+        sq = row_sq + jnp.sum(other * other, axis=1) - 2.0 * jnp.sum(batch.rows * other, axis=1)
         return distances.safe_sqrt(jnp.maximum(sq, 0.0))
 
     moving = distance_to(p) - distance_to(n)  # value ~0 after the subtraction below
