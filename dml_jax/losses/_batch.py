@@ -272,21 +272,61 @@ def gram(
     return g, row_sq, col_sq
 
 
+def _squared_from_gram(g: jax.Array, row_sq: jax.Array, col_sq: jax.Array) -> jax.Array:
+    return jnp.maximum(row_sq[:, None] + col_sq[None, :] - 2.0 * g, 0.0)
+
+
 def squared_distances_of(
     batch: PairBatch, axis_name: str | None, *, normalize: bool = False,
     symmetric: bool = False,
 ) -> jax.Array:
     """Squared Euclidean distances of the rows to the columns, clamped at 0, float32
     ``[b, B + M]`` (of the L2-normalised vectors when ``normalize``)."""
-    g, row_sq, col_sq = gram(batch, axis_name, normalize=normalize, symmetric=symmetric)
-    return jnp.maximum(row_sq[:, None] + col_sq[None, :] - 2.0 * g, 0.0)
+    return _squared_from_gram(*gram(batch, axis_name, normalize=normalize, symmetric=symmetric))
+
+
+def _self_distances_fwd(x: jax.Array):
+    sq = jnp.sum(x * x, axis=1)
+    d = distances.safe_sqrt(_squared_from_gram(distances.dot_products(x, x), sq, sq))
+    return d, (x, d)
+
+
+def _self_distances_bwd(residuals, s: jax.Array):
+    # d_ij = |x_i - x_j| and s symmetric: dx_i = 2 sum_j t_ij (x_i - x_j), t = s / d (0 where
+    # d = 0, as safe_sqrt's gradient), i.e. 2 (x * rowsum(t) - t @ x): one product.
+    x, d = residuals
+    positive = d > 0
+    t = jnp.where(positive, s / jnp.where(positive, d, 1.0), 0.0)
+    product = jnp.matmul(t, x, precision=jax.lax.Precision.HIGHEST)
+    return (2.0 * (x * jnp.sum(t, axis=1)[:, None] - product),)
+
+
+@jax.custom_vjp
+def self_distances(x: jax.Array) -> jax.Array:
+    """Euclidean distances of the rows of ``x`` ``[B, D]`` to each other, float32 ``[B, B]``,
+    as :func:`distances_of` computes them, for a loss whose cotangent ``S`` of them is
+    symmetric (see :func:`self_gram`).
+
+    The gradient is ``2 (x * rowsum(T) - T @ x)`` with ``T = S / d`` (0 where ``d = 0``, as
+    :func:`dml_jax.distances.safe_sqrt`'s gradient): one elementwise pass, one row sum and one
+    product, where autodiff through the Gram matrix and the norms passes over ``[B, B]`` a few
+    times more (the norms' row and column sums, the clamp's and the square root's masks).
+    """
+    return _self_distances_fwd(x)[0]
+
+
+self_distances.defvjp(_self_distances_fwd, _self_distances_bwd)
 
 
 def distances_of(
     batch: PairBatch, axis_name: str | None, *, symmetric: bool = False
 ) -> jax.Array:
     """Euclidean distances of the local rows to the columns, float32 ``[b, B + M]`` (finite
-    gradient at 0, see :func:`dml_jax.distances.safe_sqrt`)."""
+    gradient at 0, see :func:`dml_jax.distances.safe_sqrt`). ``symmetric``: the loss's
+    cotangent of the ``[B, B]`` block is symmetric (see :func:`self_gram`); without
+    ``axis_name`` and memory the distances then come from :func:`self_distances`."""
+    if symmetric and axis_name is None and not batch.memory.shape[0]:
+        return self_distances(points(batch, None)[0])
     return distances.safe_sqrt(squared_distances_of(batch, axis_name, symmetric=symmetric))
 
 

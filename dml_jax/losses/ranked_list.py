@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -14,15 +15,90 @@ from dml_jax.losses.memory import XBMState, with_memory
 QUERY_WEIGHTINGS = ("uniform", "official")
 
 
-def _normalised_weights(exponent: jax.Array, mask: jax.Array) -> jax.Array:
-    """``exp(exponent) / sum_mask exp(exponent)`` per row over ``mask``, a constant ``[b, M]``
-    (0 outside the mask and on rows with an empty mask). Shift-invariant, so never overflows."""
-    exponent = jax.lax.stop_gradient(exponent)
-    x = jnp.where(mask, exponent, _batch.NEG_LARGE)
-    top = jnp.max(x, axis=1, keepdims=True)
-    w = jnp.where(mask, jnp.exp(x - top), 0.0)
-    total = jnp.sum(w, axis=1, keepdims=True)
-    return w / jnp.where(total > 0, total, 1.0)
+class _Lists(NamedTuple):
+    """Each query's mined lists, from constant distances ``d`` ``[b, M]``.
+
+    ``in_p``/``in_n``: the non-trivial positives ``P*`` / negatives ``N*``, bool ``[b, M]``;
+    ``x_p``/``x_n``: the weights' exponents ``T_p (d - (alpha - m))`` / ``T_n (alpha - d)``;
+    ``top_p``/``top_n``: each row's largest exponent on its list (0 for an empty one), the
+    shift that keeps every ``exp(x - top)`` in ``(0, 1]``, float32 ``[b]``.
+    """
+
+    in_p: jax.Array
+    in_n: jax.Array
+    x_p: jax.Array
+    x_n: jax.Array
+    top_p: jax.Array
+    top_n: jax.Array
+
+
+def _lists(d, pos, neg, margin, alpha, t_n, t_p) -> _Lists:
+    boundary = alpha - margin
+    in_p = pos & (d > boundary)
+    in_n = neg & (d < alpha)
+    x_p = t_p * (d - boundary)
+    x_n = t_n * (alpha - d)
+
+    def top(x, mask):
+        m = jnp.max(jnp.where(mask, x, _batch.NEG_LARGE), axis=1)
+        return jnp.where(m > _batch.NEG_LARGE / 2, m, 0.0)
+
+    return _Lists(in_p, in_n, x_p, x_n, top(x_p, in_p), top(x_n, in_n))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def _per_query(d, pos, neg, margin, alpha, t_n, t_p, symmetric):
+    """``(L_P [b], L_N [b], log W_P [b], log W_N [b])`` of each query (see
+    :func:`ranked_list_loss`; ``W`` its total mined weight, ``NEG_LARGE`` when its list is
+    empty). Only ``d`` ``[b, M]`` takes a gradient, ``sum_j w_ij / W_i`` per list (the weights
+    are constants); with ``symmetric`` (``d`` a symmetric ``[B, B]`` function of the points,
+    and symmetric masks) the cotangent handed back is the symmetric ``(H + H^T) / 2``, which
+    gives the points the same gradient and lets :func:`dml_jax.losses._batch.self_gram` take
+    its one-product path. It is evaluated per entry with the column's row constants, so no
+    ``[B, B]`` transpose is formed. Holds ``[b, M]`` temporaries only.
+    """
+    return _per_query_fwd(d, pos, neg, margin, alpha, t_n, t_p, symmetric)[0]
+
+
+def _per_query_fwd(d, pos, neg, margin, alpha, t_n, t_p, symmetric):
+    lists = _lists(d, pos, neg, margin, alpha, t_n, t_p)
+    boundary = alpha - margin
+    w_p = jnp.where(lists.in_p, jnp.exp(lists.x_p - lists.top_p[:, None]), 0.0)
+    w_n = jnp.where(lists.in_n, jnp.exp(lists.x_n - lists.top_n[:, None]), 0.0)
+    total_p, total_n = jnp.sum(w_p, axis=1), jnp.sum(w_n, axis=1)
+    has_p, has_n = total_p > 0, total_n > 0
+    safe_p, safe_n = jnp.where(has_p, total_p, 1.0), jnp.where(has_n, total_n, 1.0)
+    loss_p = jnp.sum(w_p * (d - boundary), axis=1) / safe_p
+    loss_n = jnp.sum(w_n * (alpha - d), axis=1) / safe_n
+    log_w_p = jnp.where(has_p, jnp.log(safe_p) + lists.top_p, _batch.NEG_LARGE)
+    log_w_n = jnp.where(has_n, jnp.log(safe_n) + lists.top_n, _batch.NEG_LARGE)
+    residuals = (d, pos, neg, margin, alpha, t_n, t_p, lists.top_p, lists.top_n, safe_p, safe_n)
+    return (loss_p, loss_n, log_w_p, log_w_n), residuals
+
+
+def _per_query_bwd(symmetric, residuals, cotangents):
+    d, pos, neg, margin, alpha, t_n, t_p, top_p, top_n, total_p, total_n = residuals
+    g_p, g_n = cotangents[0], cotangents[1]  # the log-weights carry no gradient
+    lists = _lists(d, pos, neg, margin, alpha, t_n, t_p)
+    # dL/dd_ij = k_i exp(x_ij - top_i): k = g / W on P*, -g / W on N*.
+    in_p = lists.in_p
+    x = jnp.where(in_p, lists.x_p, lists.x_n)
+    k_p, k_n = g_p / total_p, -g_n / total_n
+
+    def coefficient(k_p, k_n, top_p, top_n):  # row constants broadcast along `x`
+        return jnp.where(in_p, k_p, k_n) * jnp.exp(x - jnp.where(in_p, top_p, top_n))
+
+    grad = coefficient(k_p[:, None], k_n[:, None], top_p[:, None], top_n[:, None])
+    if symmetric:  # + the same entry of H^T: the column's constants, since d and masks are
+        grad = 0.5 * (grad + coefficient(k_p[None, :], k_n[None, :], top_p[None, :],
+                                         top_n[None, :]))
+    grad = jnp.where(in_p | lists.in_n, grad, 0.0)
+    zero = jnp.zeros_like(margin)
+    return grad, None, None, zero, jnp.zeros_like(alpha), jnp.zeros_like(t_n), \
+        jnp.zeros_like(t_p)
+
+
+_per_query.defvjp(_per_query_fwd, _per_query_bwd)
 
 
 def ranked_list_from_distances(
@@ -38,27 +114,27 @@ def ranked_list_from_distances(
     lam: float,
     query_weighting: str,
     axis_name: str | None,
+    symmetric: bool = False,
 ) -> jax.Array:
-    """The Ranked List Loss from distances ``d`` ``[b, M]`` and masks ``pos``/``neg``."""
-    boundary = alpha - margin
-    d_const = jax.lax.stop_gradient(d)
-    pos = pos & (d_const > boundary)  # non-trivial positives P*
-    neg = neg & (d_const < alpha)  # non-trivial negatives N*
-    exp_p = t_p * (d - boundary)
-    exp_n = t_n * (alpha - d)
-    loss_p = jnp.sum(_normalised_weights(exp_p, pos) * jnp.where(pos, d - boundary, 0.0), axis=1)
-    loss_n = jnp.sum(_normalised_weights(exp_n, neg) * jnp.where(neg, alpha - d, 0.0), axis=1)
+    """The Ranked List Loss from distances ``d`` ``[b, M]`` and masks ``pos``/``neg``.
+
+    ``symmetric``: ``d`` is a symmetric function of the points, with symmetric masks (the
+    batch against itself, no ``axis_name``): the cotangent of ``d`` is then symmetric (see
+    :func:`_per_query`).
+    """
+    f32 = functools.partial(jnp.asarray, dtype=jnp.float32)
+    d = f32(d)
+    loss_p, loss_n, log_w_p, log_w_n = _per_query(
+        d, pos, neg, f32(margin), f32(alpha), f32(t_n), f32(t_p), symmetric
+    )
     per_query = (1.0 - lam) * loss_p + lam * loss_n  # [b]
     if query_weighting == "uniform":
         return _batch.global_mean(
             _batch.masked_sum(per_query, row_valid), jnp.sum(row_valid), axis_name
         )
     # "official": each query scaled by its total mined weight W_i over the sum of all W_k.
-    log_w = jnp.logaddexp(
-        _batch.masked_logsumexp(jax.lax.stop_gradient(exp_p), pos),
-        _batch.masked_logsumexp(jax.lax.stop_gradient(exp_n), neg),
-    )
-    mined = row_valid & (jnp.any(pos, axis=1) | jnp.any(neg, axis=1))
+    log_w = jax.lax.stop_gradient(jnp.logaddexp(log_w_p, log_w_n))
+    mined = row_valid & ((log_w_p > _batch.NEG_LARGE / 2) | (log_w_n > _batch.NEG_LARGE / 2))
     top = parallel.global_max(jnp.max(jnp.where(mined, log_w, _batch.NEG_LARGE)), axis_name)
     q = jax.lax.stop_gradient(jnp.where(mined, jnp.exp(jnp.where(mined, log_w - top, 0.0)), 0.0))
     return _batch.global_mean(jnp.sum(q * per_query), jnp.sum(q), axis_name)
@@ -130,9 +206,10 @@ def ranked_list_loss(
     """
     _checks.check_choice(query_weighting, "query_weighting", QUERY_WEIGHTINGS)
     batch = with_memory(_batch.pair_batch(embeddings, labels, where, axis_name), memory)
-    d = _batch.distances_of(batch, axis_name)
+    symmetric = axis_name is None and memory is None
+    d = _batch.distances_of(batch, axis_name, symmetric=symmetric)
     return ranked_list_from_distances(
         d, batch.pos, batch.neg, batch.row_valid,
         margin=margin, alpha=alpha, t_n=t_n, t_p=t_p, lam=lam,
-        query_weighting=query_weighting, axis_name=axis_name,
+        query_weighting=query_weighting, axis_name=axis_name, symmetric=symmetric,
     )
