@@ -330,10 +330,12 @@ def distances_of(
     return distances.safe_sqrt(squared_distances_of(batch, axis_name, symmetric=symmetric))
 
 
-def cosine_of(batch: PairBatch, axis_name: str | None) -> jax.Array:
+def cosine_of(
+    batch: PairBatch, axis_name: str | None, *, symmetric: bool = False
+) -> jax.Array:
     """Cosine similarities of the rows to the columns, float32 ``[b, B + M]`` (0 for a zero
-    vector)."""
-    return gram(batch, axis_name, normalize=True)[0]
+    vector). ``symmetric``: as in :func:`gram`."""
+    return gram(batch, axis_name, normalize=True, symmetric=symmetric)[0]
 
 
 def global_mean(total: jax.Array, count: jax.Array, axis_name: str | None) -> jax.Array:
@@ -353,14 +355,55 @@ def masked_sum(values: jax.Array, mask: jax.Array) -> jax.Array:
     return jnp.sum(jnp.where(mask, values, 0.0))
 
 
-def masked_logsumexp(values: jax.Array, mask: jax.Array, axis: int = -1) -> jax.Array:
-    """Log-sum-exp over the masked entries along ``axis``; ``NEG_LARGE`` where none is."""
+def masked_logsumexp(
+    values: jax.Array, mask: jax.Array, axis: int = -1, *, symmetric: bool = False
+) -> jax.Array:
+    """Log-sum-exp over the masked entries along ``axis``; ``NEG_LARGE`` where none is.
+
+    ``symmetric``: ``values`` and ``mask`` are symmetric ``[B, B]`` (the batch against itself)
+    and the sum runs along rows; the gradient is then the symmetric half-sum of the row and
+    column softmax (see :func:`symmetric_row_logsumexp`).
+    """
+    if symmetric:
+        return symmetric_row_logsumexp(values, mask)
     x = jnp.where(mask, values, NEG_LARGE)
     m = jnp.max(x, axis=axis, keepdims=True)
     m = jax.lax.stop_gradient(jnp.where(m > NEG_LARGE / 2, m, 0.0))
     s = jnp.sum(jnp.where(mask, jnp.exp(x - m), 0.0), axis=axis)
     any_ = jnp.any(mask, axis=axis)
     return jnp.where(any_, jnp.log(jnp.where(any_, s, 1.0)) + jnp.squeeze(m, axis), NEG_LARGE)
+
+
+def _symmetric_row_logsumexp_fwd(values: jax.Array, mask: jax.Array):
+    lse = masked_logsumexp(values, mask, axis=1)
+    return lse, (values, mask, lse)
+
+
+def _symmetric_row_logsumexp_bwd(residuals, g: jax.Array):
+    values, mask, lse = residuals
+
+    def softmax(lse):  # exp(x - lse) <= 1 on the mask
+        return jnp.exp(jnp.minimum(values - lse, 0.0))
+
+    grad = 0.5 * (g[:, None] * softmax(lse[:, None]) + g[None, :] * softmax(lse[None, :]))
+    return jnp.where(mask, grad, 0.0), None
+
+
+@jax.custom_vjp
+def symmetric_row_logsumexp(values: jax.Array, mask: jax.Array) -> jax.Array:
+    """Each row's log-sum-exp over the masked entries of a symmetric ``values`` ``[B, B]``
+    with a symmetric ``mask``, float32 ``[B]`` (``NEG_LARGE`` for an empty row).
+
+    The cotangent handed back for ``values`` is the symmetric ``(H + H^T) / 2`` of the plain
+    one ``H_ij = g_i softmax_i(j)``, evaluated per entry with the column's log-sum-exp (no
+    ``[B, B]`` transpose). For ``values`` a symmetric function of the points it gives them the
+    same gradient, and lets the Gram matrix take its one-product gradient (see
+    :func:`self_gram`, :func:`self_distances`). Holds ``[B, B]`` temporaries only.
+    """
+    return _symmetric_row_logsumexp_fwd(values, mask)[0]
+
+
+symmetric_row_logsumexp.defvjp(_symmetric_row_logsumexp_fwd, _symmetric_row_logsumexp_bwd)
 
 
 def softplus_of_lse(lse: jax.Array) -> jax.Array:

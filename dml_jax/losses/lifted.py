@@ -20,12 +20,15 @@ def lifted_from_distances(
     pos_margin: float,
     axis_name: str | None,
     pos_count: jax.Array | None = None,
+    symmetric: bool = False,
 ) -> jax.Array:
     """The lifted structured loss from distances ``d`` ``[b, M]`` (``M >= B``), the negatives
     ``neg`` ``[b, M]`` of each row and the positive pairs ``pos`` ``[b, B]`` (among the first
     ``B`` columns, the global batch, whose log-sum-exps are gathered). ``pos_count``: each
-    row's number of positives ``[b]`` when known (saves a pass over ``pos``)."""
-    row_lse = _batch.masked_logsumexp(neg_margin - d, neg)  # [b]
+    row's number of positives ``[b]`` when known (saves a pass over ``pos``). ``symmetric``:
+    ``d`` ``[B, B]`` and the masks are the batch against itself (no ``axis_name``); the
+    cotangent of ``d`` is then symmetric (see :func:`dml_jax.losses._batch.masked_logsumexp`)."""
+    row_lse = _batch.masked_logsumexp(neg_margin - d, neg, symmetric=symmetric)  # [b]
     col_lse = parallel.all_gather_rows(row_lse, axis_name)  # [B]
     j = jnp.logaddexp(row_lse[:, None], col_lse[None, :]) + d[:, : pos.shape[1]] - pos_margin
     terms = 0.5 * jnp.square(jax.nn.relu(j))
@@ -72,8 +75,9 @@ def lifted_structure_loss(
       Embedding", CVPR 2016.
     """
     batch = _batch.pair_batch(embeddings, labels, where, axis_name)
+    symmetric = axis_name is None
     return lifted_from_distances(
-        _batch.distances_of(batch, axis_name), batch.neg, batch.pos,
+        _batch.distances_of(batch, axis_name, symmetric=symmetric), batch.neg, batch.pos,
         neg_margin=neg_margin, pos_margin=pos_margin, axis_name=axis_name,
-        pos_count=batch.pos_count,
+        pos_count=batch.pos_count, symmetric=symmetric,
     )

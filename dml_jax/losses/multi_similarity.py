@@ -23,17 +23,22 @@ def multi_similarity_from_similarities(
     base: float,
     epsilon: float | None,
     axis_name: str | None,
+    symmetric: bool = False,
 ) -> jax.Array:
     """The multi-similarity loss from similarities ``s`` ``[b, M]``, masks ``pos``/``neg``
-    ``[b, M]`` and the valid anchors ``row_valid`` ``[b]`` (global mean over them)."""
+    ``[b, M]`` and the valid anchors ``row_valid`` ``[b]`` (global mean over them).
+    ``symmetric``: ``s`` ``[B, B]`` and the masks are the batch against itself (no
+    ``axis_name``, memory or mining); the cotangent of ``s`` is then symmetric (see
+    :func:`dml_jax.losses._batch.masked_logsumexp`)."""
     if epsilon is not None:
         s_const = jax.lax.stop_gradient(s)
         min_pos = jnp.min(jnp.where(pos, s_const, jnp.inf), axis=1, keepdims=True)
         max_neg = jnp.max(jnp.where(neg, s_const, -jnp.inf), axis=1, keepdims=True)
         neg = neg & (s_const + epsilon > min_pos)
         pos = pos & (s_const - epsilon < max_neg)
-    pos_lse = _batch.masked_logsumexp(-alpha * (s - base), pos)
-    neg_lse = _batch.masked_logsumexp(beta * (s - base), neg)
+    symmetric = symmetric and epsilon is None
+    pos_lse = _batch.masked_logsumexp(-alpha * (s - base), pos, symmetric=symmetric)
+    neg_lse = _batch.masked_logsumexp(beta * (s - base), neg, symmetric=symmetric)
     per_anchor = _batch.softplus_of_lse(pos_lse) / alpha + _batch.softplus_of_lse(neg_lse) / beta
     return _batch.global_mean(
         _batch.masked_sum(per_anchor, row_valid), jnp.sum(row_valid), axis_name
@@ -91,8 +96,9 @@ def multi_similarity_loss(
       Deep Metric Learning", CVPR 2019.
     """
     batch = with_memory(_batch.pair_batch(embeddings, labels, where, axis_name), memory)
+    symmetric = axis_name is None and memory is None and epsilon is None
     return multi_similarity_from_similarities(
-        _batch.cosine_of(batch, axis_name), batch.pos, batch.neg,
+        _batch.cosine_of(batch, axis_name, symmetric=symmetric), batch.pos, batch.neg,
         batch.row_valid, alpha=alpha, beta=beta, base=base, epsilon=epsilon,
-        axis_name=axis_name,
+        axis_name=axis_name, symmetric=symmetric,
     )

@@ -84,6 +84,31 @@ def test_self_distances_gradient_on_a_symmetric_cotangent():
     assert np.abs(np.asarray(g1)).max() > 0.1
 
 
+def test_symmetric_row_logsumexp_gives_the_points_the_plain_gradient():
+    """Its symmetric cotangent against autodiff of the plain masked log-sum-exp, through a
+    symmetric function of the points; one row without a masked entry (NEG_LARGE, zero
+    gradient)."""
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(rng.normal(size=(12, 4)), jnp.float32)
+    mask = rng.random((12, 12)) < 0.4
+    mask = mask | mask.T
+    mask[3, :] = mask[:, 3] = False
+    mask = jnp.asarray(mask)
+    w = jnp.asarray(rng.normal(size=12), jnp.float32)
+
+    def loss(x, symmetric):
+        values = 3.0 * jnp.matmul(x, x.T, precision=jax.lax.Precision.HIGHEST)
+        lse = _batch.masked_logsumexp(values, mask, symmetric=symmetric)
+        return jnp.sum(w * jnp.where(lse > _batch.NEG_LARGE / 2, lse, 0.0)), lse
+
+    (v1, lse1), g1 = jax.value_and_grad(loss, has_aux=True)(x, True)
+    (v2, lse2), g2 = jax.value_and_grad(loss, has_aux=True)(x, False)
+    assert lse1[3] == _batch.NEG_LARGE
+    np.testing.assert_array_equal(lse1, lse2)
+    np.testing.assert_allclose(g1, g2, rtol=1e-5, atol=1e-5)
+    assert np.abs(np.asarray(g1)).max() > 0.1
+
+
 def test_the_self_gram_is_symmetric_bit_for_bit():
     """What the symmetric shortcut of the contrastive and OSM+CAA losses relies on."""
     rng = np.random.default_rng(2)
