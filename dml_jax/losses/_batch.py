@@ -281,38 +281,48 @@ def squared_distances_of(
     symmetric: bool = False,
 ) -> jax.Array:
     """Squared Euclidean distances of the rows to the columns, clamped at 0, float32
-    ``[b, B + M]`` (of the L2-normalised vectors when ``normalize``)."""
+    ``[b, B + M]`` (of the L2-normalised vectors when ``normalize``). ``symmetric``: as in
+    :func:`distances_of`."""
+    if symmetric and axis_name is None and not batch.memory.shape[0]:
+        return self_distances(points(batch, None, normalize=normalize)[0], True)
     return _squared_from_gram(*gram(batch, axis_name, normalize=normalize, symmetric=symmetric))
 
 
-def _self_distances_fwd(x: jax.Array):
+def _self_distances_fwd(x: jax.Array, squared: bool):
     sq = jnp.sum(x * x, axis=1)
-    d = distances.safe_sqrt(_squared_from_gram(distances.dot_products(x, x), sq, sq))
+    d = _squared_from_gram(distances.dot_products(x, x), sq, sq)
+    d = d if squared else distances.safe_sqrt(d)
     return d, (x, d)
 
 
-def _self_distances_bwd(residuals, s: jax.Array):
-    # d_ij = |x_i - x_j| and s symmetric: dx_i = 2 sum_j t_ij (x_i - x_j), t = s / d (0 where
-    # d = 0, as safe_sqrt's gradient), i.e. 2 (x * rowsum(t) - t @ x): one product.
+def _self_distances_bwd(squared: bool, residuals, s: jax.Array):
+    # d_ij = |x_i - x_j| (squared: d_ij^2) and s symmetric: dx_i = 2 sum_j t_ij (x_i - x_j)
+    # with t = s / d (0 where d = 0, as safe_sqrt's gradient; squared: t = 2 s), i.e.
+    # 2 (x * rowsum(t) - t @ x): one product.
     x, d = residuals
-    positive = d > 0
-    t = jnp.where(positive, s / jnp.where(positive, d, 1.0), 0.0)
+    if squared:
+        t = 2.0 * s
+    else:
+        positive = d > 0
+        t = jnp.where(positive, s / jnp.where(positive, d, 1.0), 0.0)
     product = jnp.matmul(t, x, precision=jax.lax.Precision.HIGHEST)
     return (2.0 * (x * jnp.sum(t, axis=1)[:, None] - product),)
 
 
-@jax.custom_vjp
-def self_distances(x: jax.Array) -> jax.Array:
-    """Euclidean distances of the rows of ``x`` ``[B, D]`` to each other, float32 ``[B, B]``,
-    as :func:`distances_of` computes them, for a loss whose cotangent ``S`` of them is
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def self_distances(x: jax.Array, squared: bool = False) -> jax.Array:
+    """Euclidean distances (``squared``: squared, clamped at 0) of the rows of ``x``
+    ``[B, D]`` to each other, float32 ``[B, B]``, as :func:`distances_of` /
+    :func:`squared_distances_of` compute them, for a loss whose cotangent ``S`` of them is
     symmetric (see :func:`self_gram`).
 
     The gradient is ``2 (x * rowsum(T) - T @ x)`` with ``T = S / d`` (0 where ``d = 0``, as
-    :func:`dml_jax.distances.safe_sqrt`'s gradient): one elementwise pass, one row sum and one
-    product, where autodiff through the Gram matrix and the norms passes over ``[B, B]`` a few
-    times more (the norms' row and column sums, the clamp's and the square root's masks).
+    :func:`dml_jax.distances.safe_sqrt`'s gradient; ``T = 2 S`` for squared distances): one
+    elementwise pass, one row sum and one product, where autodiff through the Gram matrix and
+    the norms passes over ``[B, B]`` a few times more (the norms' row and column sums, the
+    clamp's and the square root's masks).
     """
-    return _self_distances_fwd(x)[0]
+    return _self_distances_fwd(x, squared)[0]
 
 
 self_distances.defvjp(_self_distances_fwd, _self_distances_bwd)
@@ -326,7 +336,7 @@ def distances_of(
     cotangent of the ``[B, B]`` block is symmetric (see :func:`self_gram`); without
     ``axis_name`` and memory the distances then come from :func:`self_distances`."""
     if symmetric and axis_name is None and not batch.memory.shape[0]:
-        return self_distances(points(batch, None)[0])
+        return self_distances(points(batch, None)[0], False)
     return distances.safe_sqrt(squared_distances_of(batch, axis_name, symmetric=symmetric))
 
 

@@ -59,7 +59,8 @@ def test_symmetric_gram_gradient_on_a_symmetric_cotangent():
     np.testing.assert_allclose(g_gen, g_ref, rtol=1e-5, atol=1e-5)
 
 
-def test_self_distances_gradient_on_a_symmetric_cotangent():
+@pytest.mark.parametrize("squared", [False, True])
+def test_self_distances_gradient_on_a_symmetric_cotangent(squared):
     """The one-product gradient of the batch's distances against autodiff of the plain ones,
     with duplicate rows (distance 0: zero gradient, never NaN) and a zero row. Small integer
     entries make every dot product exact, so a duplicate's distance is exactly 0 both ways."""
@@ -74,9 +75,10 @@ def test_self_distances_gradient_on_a_symmetric_cotangent():
     def plain(x):
         sq = jnp.sum(x * x, axis=1)
         g = jnp.matmul(x, x.T, precision=jax.lax.Precision.HIGHEST)
-        return jnp.sum(w * distances.safe_sqrt(jnp.maximum(sq[:, None] + sq[None] - 2 * g, 0)))
+        d = jnp.maximum(sq[:, None] + sq[None] - 2 * g, 0)
+        return jnp.sum(w * (d if squared else distances.safe_sqrt(d)))
 
-    v1, g1 = jax.value_and_grad(lambda x: jnp.sum(w * _batch.self_distances(x)))(x)
+    v1, g1 = jax.value_and_grad(lambda x: jnp.sum(w * _batch.self_distances(x, squared)))(x)
     v2, g2 = jax.value_and_grad(plain)(x)
     assert np.all(np.isfinite(g1))
     np.testing.assert_allclose(v1, v2, rtol=1e-5)
