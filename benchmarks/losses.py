@@ -58,6 +58,15 @@ def pair_floor(e: jax.Array, cols: jax.Array) -> jax.Array:
     return (e @ cols.T) @ cols
 
 
+@jax.jit
+def class_floor(e: jax.Array, params: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The least work of a loss on learned class parameters ``[C, D]`` that differentiates
+    both: ``e @ params.T`` (forward ``[B, C]``) and the two backward products ``[B, C] @ [C, D]``
+    and ``[B, C]^T @ [B, D]``."""
+    s = e @ params.T
+    return s @ params, s.T @ e
+
+
 def _timed(fn: Callable, *args) -> float:
     t = time.perf_counter()
     jax.block_until_ready(fn(*args))
@@ -70,21 +79,23 @@ def time_jax(
 ) -> tuple[float, float, float, float | None]:
     """Median seconds of jitted value_and_grad (for the embeddings, and for ``params`` when
     given: ``fn(e, y, params)``), the loss value, the median seconds of the matmul floor
-    :func:`pair_floor` (``floor_cols``: the candidate columns, default ``e``) and of the
+    :func:`pair_floor` (``floor_cols``: the candidate columns, default ``e``; with
+    ``params``: :func:`class_floor`) and of the
     jitted step ``baseline(e)`` (when given), all timed alternately with the loss, so each
     ratio compares runs that saw the same machine state."""
     args = (e, y) if params is None else (e, y, params)
     step = jax.jit(jax.value_and_grad(lambda *a: fn(*a, **kwargs),
                                       argnums=0 if params is None else (0, 2)))
     cols = e if floor_cols is None else floor_cols
+    floor, floor_args = (pair_floor, (e, cols)) if params is None else (class_floor, (e, params))
     value, grad = step(*args)
-    jax.block_until_ready((grad, pair_floor(e, cols)))
+    jax.block_until_ready((grad, floor(*floor_args)))
     if baseline is not None:
         jax.block_until_ready(baseline(e))
     times, floors, bases = [], [], []
     for _ in range(repeats):
         times.append(_timed(step, *args))
-        floors.append(_timed(pair_floor, e, cols))
+        floors.append(_timed(floor, *floor_args))
         if baseline is not None:
             bases.append(_timed(baseline, e))
     return (statistics.median(times), float(value), statistics.median(floors),
@@ -246,7 +257,8 @@ def main() -> None:
           f"jax {jax.__version__} on {jax.devices()[0].platform}; {torch_info}")
     print(f"# B={args.batch}, D={args.dim}, {args.per_class} per class; median of "
           f"{args.repeats}; x floor = loss / (e @ e.T and one [B, B] @ [B, D], jitted, timed "
-          "alternately with each loss)")
+          "alternately with each loss; for the losses on class parameters p [C, D]: e @ p.T and "
+          "the two backward products)")
     print(f"{'loss':<26}{'dml_jax ms':>11}{'peer ms':>10}{'speed-up':>10}{'x floor':>9}"
           f"{'x contr.':>9}{'values':>10}")
     for name, (fn, peer, comparable) in peers().items():
