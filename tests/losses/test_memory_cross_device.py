@@ -1,6 +1,8 @@
 """The cross-batch memory on 8 simulated devices (one fresh process): a replicated memory with
 each device's anchors gives the single-device value and per-device gradient rows, and
-``xbm_update`` under ``axis_name`` gives the single-device memory of the global batch."""
+``xbm_update`` under ``axis_name`` gives the single-device memory of the global batch. The loss
+modes: shard_map with ``check_vma=True``, pmap (in jax 0.10 ``shard_map`` with
+``check_vma=False``) and sharded jit."""
 
 from __future__ import annotations
 
@@ -40,10 +42,6 @@ for name, fn, _, kwargs in CASES:
             lambda x: fn(x, y_l, where=w_l, memory=m, axis_name="d", **kwargs))(e_l)
 
     specs = (P("d"), P("d"), P("d"), P())
-    f = jax.shard_map(lambda *a: (lambda vg: (vg[0][None], vg[1]))(local(*a)), mesh=mesh,
-                      in_specs=specs, out_specs=(P("d"), P("d")), check_vma=False)
-    v, g = jax.jit(f)(e, y, where, memory)
-    out["shard_map_vmaFalse"] = (np.asarray(v), np.asarray(g))
     f = jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=(P(), P("d")))
     v, g = jax.jit(f)(e, y, where, memory)
     out["shard_map_replicated"] = (np.full(n, float(v)), np.asarray(g))
@@ -89,7 +87,7 @@ def test_memory_losses_and_update_on_eight_devices():
     }
     assert len(report["losses"]) == 8
     for loss, modes in report["losses"].items():
-        assert set(modes) == {"shard_map_vmaFalse", "shard_map_replicated", "pmap", "sharded_jit"}
+        assert set(modes) == {"shard_map_replicated", "pmap", "sharded_jit"}
         for mode, (dv, dg, v, g) in modes.items():
             # Same float32 terms summed in another order: agreement to a few ulps of the scale.
             assert dv <= 1e-5 * max(1.0, v), (loss, mode, dv, v)
