@@ -17,6 +17,7 @@ differentiate it too. Needs the ``bench`` extra (torch, pytorch-metric-learning)
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import platform
 import statistics
@@ -205,9 +206,14 @@ def proxy_rows(args, e_np: np.ndarray, y_np: np.ndarray, baseline: Callable):
         if args.only and name not in args.only:
             continue
         p_np = rng.normal(size=(num_classes * max(rows, 1), args.dim)).astype(np.float32)
-        t_jax, v_jax, t_floor, t_base = time_jax(
-            fn, e, y, args.repeats, params=jnp.asarray(p_np), baseline=baseline
-        )
+        if rows:  # the loss differentiates its parameters too; its floor is class_floor
+            t_jax, v_jax, t_floor, t_base = time_jax(
+                fn, e, y, args.repeats, params=jnp.asarray(p_np), baseline=baseline
+            )
+        else:  # a pair loss (SupCon, Circle): the pair floor
+            t_jax, v_jax, t_floor, t_base = time_jax(
+                functools.partial(fn, p=None), e, y, args.repeats, baseline=baseline
+            )
         t_peer = v_peer = None
         try:
             import torch

@@ -56,13 +56,14 @@ def circle_loss(
       Similarity Optimization", CVPR 2020.
     """
     batch = _batch.pair_batch(embeddings, labels, where, axis_name)
-    s = _batch.cosine_of(batch, axis_name)
+    symmetric = axis_name is None  # the batch against itself: see _batch.masked_logsumexp
+    s = _batch.cosine_of(batch, axis_name, symmetric=symmetric)
     s_const = jax.lax.stop_gradient(s)
     pos_logits = -gamma * jax.nn.relu(1.0 + m - s_const) * (s - (1.0 - m))
     neg_logits = gamma * jax.nn.relu(s_const + m) * (s - m)
-    pos_lse = _batch.masked_logsumexp(pos_logits, batch.pos)
-    neg_lse = _batch.masked_logsumexp(neg_logits, batch.neg)
-    has_both = jnp.any(batch.pos, axis=1) & jnp.any(batch.neg, axis=1)
+    pos_lse = _batch.masked_logsumexp(pos_logits, batch.pos, symmetric=symmetric)
+    neg_lse = _batch.masked_logsumexp(neg_logits, batch.neg, symmetric=symmetric)
+    has_both = (batch.pos_count > 0) & (batch.neg_count > 0)
     per_anchor = jnp.where(has_both, jnp.logaddexp(0.0, pos_lse + neg_lse), 0.0)
     return _batch.global_mean(
         _batch.masked_sum(per_anchor, batch.row_valid), jnp.sum(batch.row_valid), axis_name

@@ -51,15 +51,20 @@ def supcon_loss(
       Contrastive Learning", NeurIPS 2020.
     """
     batch = _batch.pair_batch(embeddings, labels, where, axis_name)
-    logits = _batch.cosine_of(batch, axis_name) / temperature
+    symmetric = axis_name is None  # the batch against itself: see _batch.masked_logsumexp
+    logits = _batch.cosine_of(batch, axis_name, symmetric=symmetric) / temperature
     pos, neg = batch.pos, batch.neg
-    denominator = _batch.masked_logsumexp(logits, pos | neg)
-    num_pos = jnp.sum(pos, axis=1, dtype=jnp.float32)
-    mean_pos = jnp.sum(jnp.where(pos, logits, 0.0), axis=1) / jnp.maximum(num_pos, 1.0)
-    per_anchor = jnp.where(num_pos > 0, denominator - mean_pos, 0.0)
-    loss = _batch.global_mean(
-        _batch.masked_sum(per_anchor, batch.row_valid), jnp.sum(batch.row_valid), axis_name
+    denominator = _batch.masked_logsumexp(logits, pos | neg, symmetric=symmetric)
+    has_pos = batch.row_valid & (batch.pos_count > 0)
+    weight = jnp.where(has_pos, 1.0 / jnp.maximum(batch.pos_count, 1.0), 0.0)  # [b]
+    if symmetric:  # sum_ij w_i pos_ij l_ij, written with the symmetric weight (w_i + w_j) / 2
+        weight = 0.5 * (weight[:, None] + weight[None, :])
+    else:
+        weight = weight[:, None]
+    total = _batch.masked_sum(denominator, has_pos) - jnp.sum(
+        jnp.where(pos, weight * logits, 0.0)
     )
+    loss = _batch.global_mean(total, jnp.sum(batch.row_valid), axis_name)
     any_pos = parallel.global_count(jnp.sum(pos, dtype=jnp.float32), axis_name) > 0
     any_neg = parallel.global_count(jnp.sum(neg, dtype=jnp.float32), axis_name) > 0
     return jnp.where(any_pos & any_neg, loss, 0.0)
