@@ -112,6 +112,8 @@ class SymmetricView(NamedTuple):
       neg: bool ``[b, B + N]``: the mined negative of every valid pair of another class.
       choice: int32 ``[b, N]``: the mined point of each pair: 0 ``x_k``, 1 ``x_l``,
         2 ``x'_k = reflect(x_k about x_l)``, 3 ``x'_l = reflect(x_l about x_k)``.
+      neg_count: float32 ``[b]``: each row's number of mined negatives (``sum(neg, 1)``),
+        counted from the sorted pair labels, not from the ``[b, B + N]`` mask.
     """
 
     batch: _batch.PairBatch
@@ -120,6 +122,7 @@ class SymmetricView(NamedTuple):
     pos: jax.Array
     neg: jax.Array
     choice: jax.Array
+    neg_count: jax.Array
 
 
 def symmetric_view(
@@ -176,6 +179,10 @@ def symmetric_view(
         & pair_valid[None, :]
     )
     none = jnp.zeros_like(mined_neg)
+    same_pairs = _batch.label_counts(batch.row_labels, pair_labels, pair_valid)
+    neg_count = jnp.where(
+        batch.row_valid, jnp.sum(pair_valid, dtype=jnp.int32) - same_pairs, 0
+    ).astype(jnp.float32)
     return SymmetricView(
         batch=batch,
         sq=jnp.concatenate([sq, mined_sq], axis=1),
@@ -183,6 +190,7 @@ def symmetric_view(
         pos=jnp.concatenate([batch.pos, none], axis=1),
         neg=jnp.concatenate([jnp.zeros_like(batch.pos), mined_neg], axis=1),
         choice=choice,
+        neg_count=neg_count,
     )
 
 
@@ -222,7 +230,7 @@ def symmetric_hard_negatives(
 
 def _view_batch(view: SymmetricView) -> _batch.PairBatch:
     return view.batch._replace(  # the view's positives are the batch's: pos_count holds
-        pos=view.pos, neg=view.neg, neg_count=jnp.sum(view.neg, axis=1, dtype=jnp.float32)
+        pos=view.pos, neg=view.neg, neg_count=view.neg_count
     )
 
 
@@ -296,6 +304,7 @@ def symmetric_contrastive_loss(
     return contrastive_from_distances(
         distances.safe_sqrt(view.sq), view.pos, view.neg,
         pos_margin=pos_margin, neg_margin=neg_margin, axis_name=axis_name,
+        counts=(jnp.sum(view.batch.pos_count), jnp.sum(view.neg_count)),
     )
 
 

@@ -192,3 +192,15 @@ def test_pos_and_neg_counts_equal_the_mask_sums(sort_by_label):
     for view in (batch, wide):
         np.testing.assert_array_equal(view.pos_count, np.sum(np.asarray(view.pos), axis=1))
         np.testing.assert_array_equal(view.neg_count, np.sum(np.asarray(view.neg), axis=1))
+
+
+def test_symmetric_view_neg_count_is_the_mask_sum():
+    from dml_jax.losses import symmetric
+
+    rng = np.random.default_rng(6)
+    x = jnp.asarray(rng.normal(size=(20, 3)), jnp.float32)
+    labels = jnp.asarray(np.repeat(rng.integers(0, 4, size=10), 2), jnp.int32)
+    where = jnp.asarray(np.arange(20) % 7 != 3)
+    view = symmetric.symmetric_view(x, labels, where=where)
+    np.testing.assert_array_equal(view.neg_count, np.sum(np.asarray(view.neg), axis=1))
+    assert float(jnp.min(view.neg_count)) == 0 and float(jnp.max(view.neg_count)) > 0
