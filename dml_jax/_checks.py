@@ -79,14 +79,15 @@ def any_nonfinite(x: jax.typing.ArrayLike, where: jax.typing.ArrayLike | None = 
     """Whether any entry of ``x`` ``[B, ...]`` in a row whose ``where`` ``[B]`` is True (every
     row when ``where`` is None) is NaN or inf; a bool scalar without gradient.
 
-    Non-float ``x`` (labels, masks) is never non-finite. Computed as a float sum of ``x * 0``,
+    Non-float ``x`` (labels, masks) is never non-finite. Computed as a float sum of ``x - x``,
     which is NaN exactly when a summed entry is NaN or inf: one vectorised reduction, where
     ``any(~isfinite(x))`` materialises a ``[B, ...]`` bool array first (twice the time on CPU).
     """
     x = jnp.asarray(x)
     if not jnp.issubdtype(x.dtype, jnp.inexact):
         return jnp.zeros((), jnp.bool_)
-    zeros = jax.lax.stop_gradient(x) * jnp.zeros((), x.dtype)  # 0, or NaN where x is not finite
+    x = jax.lax.stop_gradient(x)
+    zeros = x - x  # 0, or NaN where x is not finite (no constant operand to materialise)
     if where is not None and x.ndim >= 1:
         where = jnp.asarray(where, jnp.bool_)
         if where.shape == x.shape[:1]:

@@ -41,8 +41,9 @@ class PairBatch(NamedTuple):
       pos: bool ``[b, B]``: same label, ``i != j``, both valid.
       neg: bool ``[b, B]``: different label, both valid.
       row_ids: int32 ``[b]`` global index of each local row.
+      col_ids: int32 ``[B]`` global index of each column (-1 for a memory column).
       memory: float32 ``[M, D]`` constant columns after the ``B`` batch columns (a
-        cross-batch memory; ``M = 0`` without one). ``pos``/``neg``/``col_labels``/
+        cross-batch memory; ``M = 0`` without one). ``pos``/``neg``/``col_labels``/``col_ids``/
         ``col_valid`` then span all ``B + M`` columns.
       pos_count: float32 ``[b]``: each row's number of positive columns (``sum(pos, 1)``),
         counted from the sorted labels, not from the ``[b, W]`` mask.
@@ -58,6 +59,7 @@ class PairBatch(NamedTuple):
     pos: jax.Array
     neg: jax.Array
     row_ids: jax.Array
+    col_ids: jax.Array
     memory: jax.Array
     pos_count: jax.Array
     neg_count: jax.Array
@@ -93,9 +95,7 @@ def pair_batch(
         col_ids = order
     b = rows.shape[0]
     row_ids = parallel.row_offset(b, axis_name) + jnp.arange(b, dtype=jnp.int32)
-    not_self = row_ids[:, None] != col_ids[None, :]
-    both_valid = row_valid[:, None] & col_valid[None, :]
-    same = distances.same_label_mask(row_labels, col_labels)
+    pos, neg = pair_masks(row_labels, row_valid, row_ids, col_labels, col_valid, col_ids)
     same_label_count = label_counts(row_labels, col_labels, col_valid)
     return PairBatch(
         rows=rows,
@@ -104,15 +104,33 @@ def pair_batch(
         col_labels=col_labels,
         row_valid=row_valid,
         col_valid=col_valid,
-        pos=same & not_self & both_valid,
-        neg=~same & both_valid,
+        pos=pos,
+        neg=neg,
         row_ids=row_ids,
+        col_ids=col_ids,
         memory=jnp.zeros((0, rows.shape[1]), jnp.float32),
         pos_count=jnp.where(row_valid, same_label_count - 1, 0).astype(jnp.float32),
         neg_count=jnp.where(
             row_valid, jnp.sum(col_valid, dtype=jnp.int32) - same_label_count, 0
         ).astype(jnp.float32),
     )
+
+
+def pair_masks(
+    row_labels: jax.Array, row_valid: jax.Array, row_ids: jax.Array,
+    col_labels: jax.Array, col_valid: jax.Array, col_ids: jax.Array,
+) -> tuple[jax.Array, jax.Array]:
+    """``(pos, neg)`` bool ``[b, W]`` of rows ``[b]`` against columns ``[W]``: same label and
+    not the same sample (``row_ids != col_ids``), different label; both valid.
+
+    One elementwise expression of the ``[b]`` and ``[W]`` vectors, which XLA fuses into the
+    loss's passes instead of materialising the masks (a concatenation of two mask blocks
+    would be a copy of its own).
+    """
+    both_valid = row_valid[:, None] & col_valid[None, :]
+    same = distances.same_label_mask(row_labels, col_labels)
+    not_self = row_ids[:, None] != col_ids[None, :]
+    return same & not_self & both_valid, ~same & both_valid
 
 
 def label_counts(queries: jax.Array, labels: jax.Array, valid: jax.Array) -> jax.Array:
@@ -171,15 +189,20 @@ def append_memory(
     Returns:
       The widened :class:`PairBatch` (``[b, B + M]`` masks; rows unchanged).
     """
-    same = distances.same_label_mask(batch.row_labels, labels)
-    both_valid = batch.row_valid[:, None] & valid[None, :]
     in_memory = label_counts(batch.row_labels, labels, valid).astype(jnp.float32)
+    col_labels = jnp.concatenate([batch.col_labels, labels], axis=0)
+    col_valid = jnp.concatenate([batch.col_valid, valid], axis=0)
+    col_ids = jnp.concatenate([batch.col_ids, jnp.full(labels.shape, -1, jnp.int32)])
+    pos, neg = pair_masks(
+        batch.row_labels, batch.row_valid, batch.row_ids, col_labels, col_valid, col_ids
+    )
     return batch._replace(
         memory=jax.lax.stop_gradient(cols.astype(jnp.float32)),
-        col_labels=jnp.concatenate([batch.col_labels, labels], axis=0),
-        col_valid=jnp.concatenate([batch.col_valid, valid], axis=0),
-        pos=jnp.concatenate([batch.pos, same & both_valid], axis=1),
-        neg=jnp.concatenate([batch.neg, ~same & both_valid], axis=1),
+        col_labels=col_labels,
+        col_valid=col_valid,
+        col_ids=col_ids,
+        pos=pos,
+        neg=neg,
         pos_count=batch.pos_count + jnp.where(batch.row_valid, in_memory, 0.0),
         neg_count=batch.neg_count + jnp.where(
             batch.row_valid, jnp.sum(valid, dtype=jnp.float32) - in_memory, 0.0

@@ -7,7 +7,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from dml_jax import _checks
+from dml_jax import _checks, parallel
 from dml_jax.losses import _batch
 from dml_jax.losses.memory import XBMState, with_memory
 
@@ -26,14 +26,18 @@ def contrastive_from_distances(
     global mean over ``pos`` of ``relu(d - pos_margin)`` + over ``neg`` of
     ``relu(neg_margin - d)``. ``counts``: ``(sum(pos), sum(neg))`` when known (saves two
     passes over the masks)."""
-    pos_term = jax.nn.relu(d - pos_margin)
-    neg_term = jax.nn.relu(neg_margin - d)
     if counts is None:
         counts = jnp.sum(pos, dtype=jnp.float32), jnp.sum(neg, dtype=jnp.float32)
-    num_pos, num_neg = counts
-    return _batch.global_mean(
-        _batch.masked_sum(pos_term, pos), num_pos, axis_name
-    ) + _batch.global_mean(_batch.masked_sum(neg_term, neg), num_neg, axis_name)
+    # Both means in one pass over [b, M]: each term weighted by 1 / its set's global count (a
+    # constant known before the pass), then one sum; 0 for an empty set.
+    num_pos, num_neg = (parallel.global_count(c, axis_name) for c in counts)
+    w_pos = jnp.where(num_pos > 0, 1.0 / jnp.maximum(num_pos, 1.0), 0.0)
+    w_neg = jnp.where(num_neg > 0, 1.0 / jnp.maximum(num_neg, 1.0), 0.0)
+    terms = jnp.where(
+        pos, w_pos * jax.nn.relu(d - pos_margin),
+        jnp.where(neg, w_neg * jax.nn.relu(neg_margin - d), 0.0),
+    )
+    return parallel.global_sum(jnp.sum(terms), axis_name)
 
 
 @functools.partial(jax.jit, static_argnames=("axis_name",))
