@@ -389,16 +389,18 @@ def masked_sum(values: jax.Array, mask: jax.Array) -> jax.Array:
 
 
 def masked_logsumexp(
-    values: jax.Array, mask: jax.Array, axis: int = -1, *, symmetric: bool = False
+    values: jax.Array, mask: jax.Array, axis: int = -1, *, symmetric: bool = False,
+    bound: jax.Array | float | None = None,
 ) -> jax.Array:
     """Log-sum-exp over the masked entries along ``axis``; ``NEG_LARGE`` where none is.
 
     ``symmetric``: ``values`` and ``mask`` are symmetric ``[B, B]`` (the batch against itself)
     and the sum runs along rows; the gradient is then the symmetric half-sum of the row and
-    column softmax (see :func:`symmetric_row_logsumexp`).
+    column softmax (see :func:`row_logsumexp`). ``bound``: an upper bound on the masked
+    ``values`` (see :func:`row_logsumexp`; rows only).
     """
-    if symmetric:
-        return symmetric_row_logsumexp(values, mask)
+    if symmetric or bound is not None:
+        return row_logsumexp(values, mask, bound, symmetric)
     x = jnp.where(mask, values, NEG_LARGE)
     m = jnp.max(x, axis=axis, keepdims=True)
     m = jax.lax.stop_gradient(jnp.where(m > NEG_LARGE / 2, m, 0.0))
@@ -407,36 +409,71 @@ def masked_logsumexp(
     return jnp.where(any_, jnp.log(jnp.where(any_, s, 1.0)) + jnp.squeeze(m, axis), NEG_LARGE)
 
 
-def _symmetric_row_logsumexp_fwd(values: jax.Array, mask: jax.Array):
-    lse = masked_logsumexp(values, mask, axis=1)
-    return lse, (values, mask, lse)
+# A fixed shift K is used for a row log-sum-exp when the masked values are known to be <= K
+# and K <= _FIXED_SHIFT_MAX: every exp(x - K) <= 1 then, and a term it loses to underflow
+# (exp(x) < exp(K - 87)) is below exp(-27) absolutely, nothing next to the 1 of a softplus.
+_FIXED_SHIFT_MAX = 60.0
 
 
-def _symmetric_row_logsumexp_bwd(residuals, g: jax.Array):
-    values, mask, lse = residuals
+def _fixed_shift_lse(values, mask, bound):
+    total = jnp.sum(jnp.where(mask, jnp.exp(values - bound), 0.0), axis=1)
+    has = total > 0
+    return jnp.where(has, jnp.log(jnp.where(has, total, 1.0)) + bound, NEG_LARGE)
+
+
+def _row_logsumexp_fwd(values, mask, bound, symmetric):
+    if bound is None:
+        lse = masked_logsumexp(values, mask, axis=1)
+    else:
+        bound = jnp.asarray(bound, jnp.float32)
+        lse = jax.lax.cond(
+            bound <= _FIXED_SHIFT_MAX,
+            _fixed_shift_lse,
+            lambda v, m, _: masked_logsumexp(v, m, axis=1),
+            values, mask, bound,
+        )
+    return lse, (values, mask, lse, bound)
+
+
+def _row_logsumexp_bwd(symmetric, residuals, g):
+    values, mask, lse, bound = residuals
 
     def softmax(lse):  # exp(x - lse) <= 1 on the mask
         return jnp.exp(jnp.minimum(values - lse, 0.0))
 
-    grad = 0.5 * (g[:, None] * softmax(lse[:, None]) + g[None, :] * softmax(lse[None, :]))
-    return jnp.where(mask, grad, 0.0), None
+    grad = g[:, None] * softmax(lse[:, None])
+    if symmetric:
+        grad = 0.5 * (grad + g[None, :] * softmax(lse[None, :]))
+    zero = None if bound is None else jnp.zeros_like(bound)
+    return jnp.where(mask, grad, 0.0), None, zero
 
 
-@jax.custom_vjp
-def symmetric_row_logsumexp(values: jax.Array, mask: jax.Array) -> jax.Array:
-    """Each row's log-sum-exp over the masked entries of a symmetric ``values`` ``[B, B]``
-    with a symmetric ``mask``, float32 ``[B]`` (``NEG_LARGE`` for an empty row).
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def row_logsumexp(
+    values: jax.Array, mask: jax.Array, bound: jax.Array | None = None, symmetric: bool = False
+) -> jax.Array:
+    """Each row's log-sum-exp over the masked entries of ``values`` ``[b, W]``, float32 ``[b]``
+    (``NEG_LARGE`` for a row without a masked entry), with a hand-written gradient
+    ``g_i softmax_i(j)``.
 
-    The cotangent handed back for ``values`` is the symmetric ``(H + H^T) / 2`` of the plain
-    one ``H_ij = g_i softmax_i(j)``, evaluated per entry with the column's log-sum-exp (no
-    ``[B, B]`` transpose). For ``values`` a symmetric function of the points it gives them the
-    same gradient, and lets the Gram matrix take its one-product gradient (see
-    :func:`self_gram`, :func:`self_distances`). Holds ``[B, B]`` temporaries only.
+    ``bound``: a scalar with every masked value ``<= bound`` (e.g. from a cosine's range). When
+    it is at most 60 the rows are shifted by it instead of by their maxima, which saves a pass
+    over ``[b, W]``; a row whose terms all underflow (all ``< exp(bound - 87)``) then counts as
+    empty. Meant for log-sum-exps inside a softplus, ``log(1 + sum exp)``, where such terms are
+    nothing. A larger bound falls back to the row maxima (exact).
+
+    ``symmetric``: ``values`` and ``mask`` are symmetric ``[B, B]`` (the batch against itself),
+    and the cotangent handed back is the symmetric ``(H + H^T) / 2`` of the plain one, evaluated
+    per entry with the column's log-sum-exp (no ``[B, B]`` transpose). For ``values`` a
+    symmetric function of the points it gives them the same gradient, and lets the Gram matrix
+    take its one-product gradient (see :func:`self_gram`, :func:`self_distances`).
+
+    Holds ``[b, W]`` temporaries only.
     """
-    return _symmetric_row_logsumexp_fwd(values, mask)[0]
+    return _row_logsumexp_fwd(values, mask, bound, symmetric)[0]
 
 
-symmetric_row_logsumexp.defvjp(_symmetric_row_logsumexp_fwd, _symmetric_row_logsumexp_bwd)
+row_logsumexp.defvjp(_row_logsumexp_fwd, _row_logsumexp_bwd)
 
 
 def softplus_of_lse(lse: jax.Array) -> jax.Array:

@@ -25,8 +25,9 @@ def multi_similarity_from_similarities(
     axis_name: str | None,
     symmetric: bool = False,
 ) -> jax.Array:
-    """The multi-similarity loss from similarities ``s`` ``[b, M]``, masks ``pos``/``neg``
-    ``[b, M]`` and the valid anchors ``row_valid`` ``[b]`` (global mean over them).
+    """The multi-similarity loss from cosine similarities ``s`` ``[b, M]`` (in ``[-1, 1]``),
+    masks ``pos``/``neg`` ``[b, M]`` and the valid anchors ``row_valid`` ``[b]`` (global mean
+    over them).
     ``symmetric``: ``s`` ``[B, B]`` and the masks are the batch against itself (no
     ``axis_name``, memory or mining); the cotangent of ``s`` is then symmetric (see
     :func:`dml_jax.losses._batch.masked_logsumexp`)."""
@@ -37,8 +38,15 @@ def multi_similarity_from_similarities(
         neg = neg & (s_const + epsilon > min_pos)
         pos = pos & (s_const - epsilon < max_neg)
     symmetric = symmetric and epsilon is None
-    pos_lse = _batch.masked_logsumexp(-alpha * (s - base), pos, symmetric=symmetric)
-    neg_lse = _batch.masked_logsumexp(beta * (s - base), neg, symmetric=symmetric)
+    # Cosines lie in [-1, 1], which bounds each exponent: the log-sum-exps may use a fixed
+    # shift instead of a pass for the row maxima (see _batch.row_logsumexp).
+    reach = 1.0 + jnp.abs(base)
+    pos_lse = _batch.masked_logsumexp(
+        -alpha * (s - base), pos, symmetric=symmetric, bound=jnp.abs(alpha) * reach
+    )
+    neg_lse = _batch.masked_logsumexp(
+        beta * (s - base), neg, symmetric=symmetric, bound=jnp.abs(beta) * reach
+    )
     per_anchor = _batch.softplus_of_lse(pos_lse) / alpha + _batch.softplus_of_lse(neg_lse) / beta
     return _batch.global_mean(
         _batch.masked_sum(per_anchor, row_valid), jnp.sum(row_valid), axis_name

@@ -86,7 +86,7 @@ def test_self_distances_gradient_on_a_symmetric_cotangent(squared):
     assert np.abs(np.asarray(g1)).max() > 0.1
 
 
-def test_symmetric_row_logsumexp_gives_the_points_the_plain_gradient():
+def test_row_logsumexp_gives_the_points_the_plain_gradient():
     """Its symmetric cotangent against autodiff of the plain masked log-sum-exp, through a
     symmetric function of the points; one row without a masked entry (NEG_LARGE, zero
     gradient)."""
@@ -107,6 +107,7 @@ def test_symmetric_row_logsumexp_gives_the_points_the_plain_gradient():
     (v2, lse2), g2 = jax.value_and_grad(loss, has_aux=True)(x, False)
     assert lse1[3] == _batch.NEG_LARGE
     np.testing.assert_array_equal(lse1, lse2)
+    assert v1 == v2
     np.testing.assert_allclose(g1, g2, rtol=1e-5, atol=1e-5)
     assert np.abs(np.asarray(g1)).max() > 0.1
 
@@ -204,3 +205,35 @@ def test_symmetric_view_neg_count_is_the_mask_sum():
     view = symmetric.symmetric_view(x, labels, where=where)
     np.testing.assert_array_equal(view.neg_count, np.sum(np.asarray(view.neg), axis=1))
     assert float(jnp.min(view.neg_count)) == 0 and float(jnp.max(view.neg_count)) > 0
+
+
+@pytest.mark.parametrize("scale", [10.0, 100.0])  # bound 15 (fixed shift) and 150 (row maxima)
+def test_row_logsumexp_with_a_bound_matches_the_plain_one(scale):
+    rng = np.random.default_rng(7)
+    s = jnp.asarray(rng.uniform(-1, 1, size=(9, 13)), jnp.float32)
+    mask = jnp.asarray(rng.random((9, 13)) < 0.5).at[4].set(False)
+    w = jnp.asarray(rng.normal(size=9), jnp.float32)
+
+    def loss(s, bound):
+        lse = _batch.masked_logsumexp(scale * (s - 0.5), mask, bound=bound)
+        return jnp.sum(w * _batch.softplus_of_lse(lse)), lse
+
+    (v1, lse1), g1 = jax.value_and_grad(loss, has_aux=True)(s, scale * 1.5)
+    (v2, lse2), g2 = jax.value_and_grad(loss, has_aux=True)(s, None)
+    assert lse1[4] == _batch.NEG_LARGE and lse2[4] == _batch.NEG_LARGE
+    # log(sum) + shift: an absolute error of a few float32 ulps of the shift (15 or 150 here).
+    ulps = 8 * np.finfo(np.float32).eps * scale * 1.5
+    np.testing.assert_allclose(lse1, lse2, rtol=1e-6, atol=ulps)
+    np.testing.assert_allclose(v1, v2, rtol=1e-6, atol=ulps)
+    np.testing.assert_allclose(g1, g2, rtol=1e-5, atol=1e-6)
+    assert np.abs(np.asarray(g1)).max() > 0.1
+
+
+def test_a_row_whose_terms_all_underflow_under_the_fixed_shift_counts_as_empty():
+    values = jnp.array([[-95.0, -99.0], [-1.0, -2.0]])  # bound 0: exp(-95) underflows
+    lse = _batch.masked_logsumexp(values, jnp.ones((2, 2), bool), bound=0.0)
+    assert lse[0] == _batch.NEG_LARGE
+    np.testing.assert_allclose(lse[1], np.logaddexp(-1.0, -2.0), rtol=1e-6)
+    g = jax.grad(lambda v: jnp.sum(_batch.softplus_of_lse(
+        _batch.masked_logsumexp(v, jnp.ones((2, 2), bool), bound=0.0))))(values)
+    assert np.all(np.isfinite(g)) and np.all(np.asarray(g)[0] == 0)
