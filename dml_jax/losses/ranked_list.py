@@ -19,31 +19,48 @@ class _Lists(NamedTuple):
     """Each query's mined lists, from constant distances ``d`` ``[b, M]``.
 
     ``in_p``/``in_n``: the non-trivial positives ``P*`` / negatives ``N*``, bool ``[b, M]``;
-    ``x_p``/``x_n``: the weights' exponents ``T_p (d - (alpha - m))`` / ``T_n (alpha - d)``;
-    ``top_p``/``top_n``: each row's largest exponent on its list (0 for an empty one), the
-    shift that keeps every ``exp(x - top)`` in ``(0, 1]``, float32 ``[b]``.
+    ``x_p``/``x_n``: the weights' exponents ``T_p (d - (alpha - m))`` / ``T_n (alpha - d)``.
     """
 
     in_p: jax.Array
     in_n: jax.Array
     x_p: jax.Array
     x_n: jax.Array
-    top_p: jax.Array
-    top_n: jax.Array
 
 
 def _lists(d, pos, neg, margin, alpha, t_n, t_p) -> _Lists:
     boundary = alpha - margin
     in_p = pos & (d > boundary)
     in_n = neg & (d < alpha)
-    x_p = t_p * (d - boundary)
-    x_n = t_n * (alpha - d)
+    return _Lists(in_p, in_n, t_p * (d - boundary), t_n * (alpha - d))
 
-    def top(x, mask):
+
+# A fixed shift is used for a list whose exponents span at most this much: exp(x - top) then
+# lies in [exp(-80), 1], never underflowing, so the weights are exact.
+_FIXED_SHIFT_SPAN = 80.0
+
+
+def _shifts(lists: _Lists, alpha, t_n, t_p) -> tuple[jax.Array, jax.Array]:
+    """Per row, the shifts ``(top_p, top_n)`` float32 ``[b]`` that keep every ``exp(x - top)``
+    of a list in ``(0, 1]`` without underflow: on ``N*`` (``0 <= d < alpha``) the exponents
+    lie between 0 and ``T_n alpha``, so when ``|T_n alpha| <= 80`` the fixed shift
+    ``max(T_n alpha, 0)`` serves (no pass over ``[b, M]``); on ``P*`` they are all 0 when
+    ``T_p = 0``. Otherwise the row's largest exponent on its list (0 for an empty one)."""
+    rows = lists.x_p.shape[0]
+
+    def row_max(x, mask):
         m = jnp.max(jnp.where(mask, x, _batch.NEG_LARGE), axis=1)
         return jnp.where(m > _batch.NEG_LARGE / 2, m, 0.0)
 
-    return _Lists(in_p, in_n, x_p, x_n, top(x_p, in_p), top(x_n, in_n))
+    top_n = jax.lax.cond(
+        jnp.abs(t_n * alpha) <= _FIXED_SHIFT_SPAN,
+        lambda: jnp.full((rows,), jnp.maximum(t_n * alpha, 0.0)),
+        lambda: row_max(lists.x_n, lists.in_n),
+    )
+    top_p = jax.lax.cond(
+        t_p == 0, lambda: jnp.zeros((rows,)), lambda: row_max(lists.x_p, lists.in_p)
+    )
+    return top_p, top_n
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
@@ -62,17 +79,18 @@ def _per_query(d, pos, neg, margin, alpha, t_n, t_p, symmetric):
 
 def _per_query_fwd(d, pos, neg, margin, alpha, t_n, t_p, symmetric):
     lists = _lists(d, pos, neg, margin, alpha, t_n, t_p)
+    top_p, top_n = _shifts(lists, alpha, t_n, t_p)
     boundary = alpha - margin
-    w_p = jnp.where(lists.in_p, jnp.exp(lists.x_p - lists.top_p[:, None]), 0.0)
-    w_n = jnp.where(lists.in_n, jnp.exp(lists.x_n - lists.top_n[:, None]), 0.0)
+    w_p = jnp.where(lists.in_p, jnp.exp(lists.x_p - top_p[:, None]), 0.0)
+    w_n = jnp.where(lists.in_n, jnp.exp(lists.x_n - top_n[:, None]), 0.0)
     total_p, total_n = jnp.sum(w_p, axis=1), jnp.sum(w_n, axis=1)
     has_p, has_n = total_p > 0, total_n > 0
     safe_p, safe_n = jnp.where(has_p, total_p, 1.0), jnp.where(has_n, total_n, 1.0)
     loss_p = jnp.sum(w_p * (d - boundary), axis=1) / safe_p
     loss_n = jnp.sum(w_n * (alpha - d), axis=1) / safe_n
-    log_w_p = jnp.where(has_p, jnp.log(safe_p) + lists.top_p, _batch.NEG_LARGE)
-    log_w_n = jnp.where(has_n, jnp.log(safe_n) + lists.top_n, _batch.NEG_LARGE)
-    residuals = (d, pos, neg, margin, alpha, t_n, t_p, lists.top_p, lists.top_n, safe_p, safe_n)
+    log_w_p = jnp.where(has_p, jnp.log(safe_p) + top_p, _batch.NEG_LARGE)
+    log_w_n = jnp.where(has_n, jnp.log(safe_n) + top_n, _batch.NEG_LARGE)
+    residuals = (d, pos, neg, margin, alpha, t_n, t_p, top_p, top_n, safe_p, safe_n)
     return (loss_p, loss_n, log_w_p, log_w_n), residuals
 
 
