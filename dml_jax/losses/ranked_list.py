@@ -46,7 +46,9 @@ def _shifts(lists: _Lists, alpha, t_n, t_p) -> tuple[jax.Array, jax.Array]:
     lie between 0 and ``T_n alpha``, so when ``|T_n alpha| <= 80`` the fixed shift
     ``max(T_n alpha, 0)`` serves (no pass over ``[b, M]``); on ``P*`` they are all 0 when
     ``T_p = 0``. Otherwise the row's largest exponent on its list (0 for an empty one)."""
-    rows = lists.x_p.shape[0]
+    # A [b] zero derived from the rows (never NaN), so that under shard_map both branches of a
+    # cond vary across devices alike.
+    zero = jnp.where(lists.in_p[:, 0], 0.0, 0.0)
 
     def row_max(x, mask):
         m = jnp.max(jnp.where(mask, x, _batch.NEG_LARGE), axis=1)
@@ -54,12 +56,10 @@ def _shifts(lists: _Lists, alpha, t_n, t_p) -> tuple[jax.Array, jax.Array]:
 
     top_n = jax.lax.cond(
         jnp.abs(t_n * alpha) <= _FIXED_SHIFT_SPAN,
-        lambda: jnp.full((rows,), jnp.maximum(t_n * alpha, 0.0)),
+        lambda: zero + jnp.maximum(t_n * alpha, 0.0),
         lambda: row_max(lists.x_n, lists.in_n),
     )
-    top_p = jax.lax.cond(
-        t_p == 0, lambda: jnp.zeros((rows,)), lambda: row_max(lists.x_p, lists.in_p)
-    )
+    top_p = jax.lax.cond(t_p == 0, lambda: zero, lambda: row_max(lists.x_p, lists.in_p))
     return top_p, top_n
 
 

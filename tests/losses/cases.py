@@ -100,11 +100,9 @@ SEED = [
     ("osm_caa_logits", _with_logits(losses.osm_caa_loss), _with_logits_ref(ref.osm_caa), {}),
     ("osm_caa_logits_official", _with_logits(losses.osm_caa_loss),
      _with_logits_ref(ref.osm_caa), {"kernel": "official", "attention": "gaussian"}),
-    # ranked_list: the fixed weight shifts (T_p = 0, |T_n alpha| = 20 <= 80); _official: the
-    # per-row maxima (T_p = 1, T_n alpha = 96).
     ("ranked_list", losses.ranked_list_loss, ref.ranked_list, {"alpha": 2.0, "margin": 0.6}),
     ("ranked_list_official", losses.ranked_list_loss, ref.ranked_list,
-     {"alpha": 2.4, "margin": 0.8, "t_p": 1.0, "t_n": 40.0, "query_weighting": "official"}),
+     {"alpha": 2.4, "margin": 0.8, "t_p": 1.0, "query_weighting": "official"}),
     ("center", _with_centers(losses.center_loss), _with_centers_ref(ref.center), {}),
     ("center_structured", _with_centers(losses.center_structured_loss, True),
      _with_centers_ref(ref.center_structured, True), {"lam": 0.5, "beta": 2.0}),

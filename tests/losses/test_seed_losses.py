@@ -89,6 +89,19 @@ def test_value_and_gradient_match_loop_reference(case, make):
         assert np.all(np.isfinite(grad))
 
 
+@pytest.mark.parametrize("t_p,t_n", [(0.0, 10.0), (1.0, 10.0), (0.0, 40.0)])
+def test_ranked_list_weight_shifts_match_loop_reference(t_p, t_n):
+    """Both ways of shifting the weights: fixed (T_p = 0; |T_n alpha| = 24 <= 80) and the row
+    maxima (T_p = 1; T_n alpha = 96)."""
+    e, y = random_batch(3)
+    kw = {"alpha": 2.4, "margin": 0.8, "t_p": t_p, "t_n": t_n}
+    value, grad = jax.value_and_grad(lambda x: losses.ranked_list_loss(x, y, **kw))(e)
+    np.testing.assert_allclose(value, ref.ranked_list(e, y, **kw), **VALUE_TOL)
+    expected = ref.numerical_grad(lambda x: ref.ranked_list(x, y, weights_at=e, **kw), e)
+    np.testing.assert_allclose(grad, expected, **GRAD_TOL)
+    assert np.abs(grad).max() > 1e-3
+
+
 @pytest.mark.parametrize(
     "case", [c for c in SEED + SEED_PAIRS if has_frozen_weights(c)],
     ids=[c[0] for c in SEED + SEED_PAIRS if has_frozen_weights(c)],
