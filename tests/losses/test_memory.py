@@ -133,7 +133,11 @@ def test_update_and_memory_columns_take_no_gradient():
     e, y, _ = loss_batch()
     g = jax.grad(lambda x: jnp.sum(losses.xbm_update(state, x, y).embeddings))(e)
     assert np.all(np.asarray(g) == 0)
-    for _, fn, _, kwargs in CASES:
+    # The memory reaches every loss through with_memory's stop_gradient: one loss per way it is
+    # laid out (unsorted, sorted by label for the triplet miners) and the hand-written VJP.
+    for name, fn, _, kwargs in CASES:
+        if name not in ("contrastive", "triplet_semi_hard", "ranked_list"):
+            continue
         g_mem = jax.grad(lambda m, fn=fn, kwargs=kwargs: fn(
             e, y, memory=state._replace(embeddings=m), **kwargs))(state.embeddings)
         assert np.all(np.asarray(g_mem) == 0)
@@ -251,7 +255,9 @@ def mined_triplet(x, y, state, where, **kwargs):
     )
 
 
-@pytest.mark.parametrize("memory", sorted(MEMORIES))
+# The forced branches on a memory with empty slots and labels only in it, and on one with a
+# class of 40 rows (the natural-branch test above runs every memory).
+@pytest.mark.parametrize("memory", ["partial", "big_class"])
 @pytest.mark.parametrize("branch", ["bucketed", "sorted"])
 @pytest.mark.parametrize("mining,margin", [("all", 0.5), ("semi_hard", 1.0)])
 def test_forced_triplet_branches_match_loop_reference(mining, margin, branch, memory,
