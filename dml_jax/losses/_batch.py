@@ -401,12 +401,16 @@ def masked_logsumexp(
     """
     if symmetric or bound is not None:
         return row_logsumexp(values, mask, bound, symmetric)
-    x = jnp.where(mask, values, NEG_LARGE)
-    m = jnp.max(x, axis=axis, keepdims=True)
-    m = jax.lax.stop_gradient(jnp.where(m > NEG_LARGE / 2, m, 0.0))
-    s = jnp.sum(jnp.where(mask, jnp.exp(x - m), 0.0), axis=axis)
+    m = jax.lax.stop_gradient(masked_max(values, mask, axis))
+    s = jnp.sum(jnp.where(mask, jnp.exp(values - jnp.expand_dims(m, axis)), 0.0), axis=axis)
     any_ = jnp.any(mask, axis=axis)
-    return jnp.where(any_, jnp.log(jnp.where(any_, s, 1.0)) + jnp.squeeze(m, axis), NEG_LARGE)
+    return jnp.where(any_, jnp.log(jnp.where(any_, s, 1.0)) + m, NEG_LARGE)
+
+
+def masked_max(values: jax.Array, mask: jax.Array, axis: int = -1) -> jax.Array:
+    """Max over the masked entries along ``axis``; 0 where none is (a safe shift)."""
+    m = jnp.max(jnp.where(mask, values, NEG_LARGE), axis=axis)
+    return jnp.where(m > NEG_LARGE / 2, m, 0.0)
 
 
 # A fixed shift K is used for a row log-sum-exp when the masked values are known to be <= K

@@ -49,17 +49,14 @@ def _shifts(lists: _Lists, alpha, t_n, t_p) -> tuple[jax.Array, jax.Array]:
     # A [b] zero derived from the rows (never NaN), so that under shard_map both branches of a
     # cond vary across devices alike.
     zero = jnp.where(lists.in_p[:, 0], 0.0, 0.0)
-
-    def row_max(x, mask):
-        m = jnp.max(jnp.where(mask, x, _batch.NEG_LARGE), axis=1)
-        return jnp.where(m > _batch.NEG_LARGE / 2, m, 0.0)
-
     top_n = jax.lax.cond(
         jnp.abs(t_n * alpha) <= _FIXED_SHIFT_SPAN,
         lambda: zero + jnp.maximum(t_n * alpha, 0.0),
-        lambda: row_max(lists.x_n, lists.in_n),
+        lambda: _batch.masked_max(lists.x_n, lists.in_n, axis=1),
     )
-    top_p = jax.lax.cond(t_p == 0, lambda: zero, lambda: row_max(lists.x_p, lists.in_p))
+    top_p = jax.lax.cond(
+        t_p == 0, lambda: zero, lambda: _batch.masked_max(lists.x_p, lists.in_p, axis=1)
+    )
     return top_p, top_n
 
 
@@ -111,9 +108,7 @@ def _per_query_bwd(symmetric, residuals, cotangents):
         grad = 0.5 * (grad + coefficient(k_p[None, :], k_n[None, :], top_p[None, :],
                                          top_n[None, :]))
     grad = jnp.where(in_p | lists.in_n, grad, 0.0)
-    zero = jnp.zeros_like(margin)
-    return grad, None, None, zero, jnp.zeros_like(alpha), jnp.zeros_like(t_n), \
-        jnp.zeros_like(t_p)
+    return (grad, None, None, *(jnp.zeros_like(h) for h in (margin, alpha, t_n, t_p)))
 
 
 _per_query.defvjp(_per_query_fwd, _per_query_bwd)

@@ -65,6 +65,6 @@ def supcon_loss(
         jnp.where(pos, weight * logits, 0.0)
     )
     loss = _batch.global_mean(total, jnp.sum(batch.row_valid), axis_name)
-    any_pos = parallel.global_count(jnp.sum(pos, dtype=jnp.float32), axis_name) > 0
-    any_neg = parallel.global_count(jnp.sum(neg, dtype=jnp.float32), axis_name) > 0
+    any_pos = parallel.global_count(jnp.sum(batch.pos_count), axis_name) > 0
+    any_neg = parallel.global_count(jnp.sum(batch.neg_count), axis_name) > 0
     return jnp.where(any_pos & any_neg, loss, 0.0)
