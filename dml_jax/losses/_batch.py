@@ -402,7 +402,9 @@ def masked_logsumexp(
     if symmetric or bound is not None:
         return row_logsumexp(values, mask, bound, symmetric)
     m = jax.lax.stop_gradient(masked_max(values, mask, axis))
-    s = jnp.sum(jnp.where(mask, jnp.exp(values - jnp.expand_dims(m, axis)), 0.0), axis=axis)
+    x = jnp.where(mask, values, NEG_LARGE)  # an unmasked entry's exp must not overflow: its
+    # zero cotangent times an infinite exp would be NaN
+    s = jnp.sum(jnp.where(mask, jnp.exp(x - jnp.expand_dims(m, axis)), 0.0), axis=axis)
     any_ = jnp.any(mask, axis=axis)
     return jnp.where(any_, jnp.log(jnp.where(any_, s, 1.0)) + m, NEG_LARGE)
 
