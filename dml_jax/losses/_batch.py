@@ -250,6 +250,35 @@ def self_gram(x: jax.Array, symmetric: bool = False) -> jax.Array:
 self_gram.defvjp(_self_gram_fwd, _self_gram_bwd)
 
 
+def _memory_gram_fwd(rows, cols, memory):
+    every = jnp.concatenate([cols, memory])
+    return distances.dot_products(rows, every), (rows, cols, every)
+
+
+def _memory_gram_bwd(residuals, h):
+    rows, cols, every = residuals
+    highest = jax.lax.Precision.HIGHEST
+    d_rows = jnp.matmul(h, every, precision=highest)
+    d_cols = jnp.matmul(h[:, :cols.shape[0]].T, rows, precision=highest)
+    return d_rows, d_cols, jnp.zeros((every.shape[0] - cols.shape[0], every.shape[1]))
+
+
+@jax.custom_vjp
+def memory_gram(rows: jax.Array, cols: jax.Array, memory: jax.Array) -> jax.Array:
+    """``rows @ [cols; memory].T`` ``[b, B + M]`` for constant memory rows ``[M, D]``.
+
+    One product forward (against the stacked columns, an ``[B + M, D]`` copy, rather than two
+    products and an ``[b, B + M]`` copy of their results) and two backward: ``H @ [cols;
+    memory]`` for the rows and ``H[:, :B]^T @ rows`` for the batch columns; the memory takes no
+    gradient (zeros), where autodiff would form the whole ``[B + M, D]`` product ``H^T @ rows``
+    and slice it.
+    """
+    return _memory_gram_fwd(rows, cols, memory)[0]
+
+
+memory_gram.defvjp(_memory_gram_fwd, _memory_gram_bwd)
+
+
 def points(
     batch: PairBatch, axis_name: str | None, *, normalize: bool = False
 ) -> tuple[jax.Array, jax.Array]:
@@ -282,16 +311,16 @@ def gram(
       float32 arrays. Memory: ``G`` plus its gradient.
     """
     rows, cols = points(batch, axis_name, normalize=normalize)
-    if axis_name is None:
-        g = self_gram(rows, symmetric)
-    else:
-        g = distances.dot_products(rows, cols)
     row_sq = jnp.sum(rows * rows, axis=1)
     col_sq = jnp.sum(cols * cols, axis=1)
     if batch.memory.shape[0]:
         memory = distances.l2_normalize(batch.memory) if normalize else batch.memory
-        g = jnp.concatenate([g, distances.dot_products(rows, memory)], axis=1)
+        g = memory_gram(rows, cols, jax.lax.stop_gradient(memory))
         col_sq = jnp.concatenate([col_sq, jnp.sum(memory * memory, axis=1)])
+    elif axis_name is None:
+        g = self_gram(rows, symmetric)
+    else:
+        g = distances.dot_products(rows, cols)
     return g, row_sq, col_sq
 
 
@@ -308,7 +337,19 @@ def squared_distances_of(
     :func:`distances_of`."""
     if symmetric and axis_name is None and not batch.memory.shape[0]:
         return self_distances(points(batch, None, normalize=normalize)[0], True)
+    if batch.memory.shape[0]:
+        return _memory_distances_of(batch, axis_name, normalize, True)
     return _squared_from_gram(*gram(batch, axis_name, normalize=normalize, symmetric=symmetric))
+
+
+def _distance_cotangent(s: jax.Array, d: jax.Array, squared: bool) -> jax.Array:
+    """``T`` with ``dL/dx_i = sum_j T_ij (x_i - y_j)`` (``x_i``'s part as a row) from the
+    cotangent ``s`` of the distances ``d``: ``s / d`` (0 where ``d = 0``, as ``safe_sqrt``'s
+    gradient), ``2 s`` for squared distances."""
+    if squared:
+        return 2.0 * s
+    positive = d > 0
+    return jnp.where(positive, s / jnp.where(positive, d, 1.0), 0.0)
 
 
 def _self_distances_fwd(x: jax.Array, squared: bool):
@@ -323,11 +364,7 @@ def _self_distances_bwd(squared: bool, residuals, s: jax.Array):
     # with t = s / d (0 where d = 0, as safe_sqrt's gradient; squared: t = 2 s), i.e.
     # 2 (x * rowsum(t) - t @ x): one product.
     x, d = residuals
-    if squared:
-        t = 2.0 * s
-    else:
-        positive = d > 0
-        t = jnp.where(positive, s / jnp.where(positive, d, 1.0), 0.0)
+    t = _distance_cotangent(s, d, squared)
     product = jnp.matmul(t, x, precision=jax.lax.Precision.HIGHEST)
     return (2.0 * (x * jnp.sum(t, axis=1)[:, None] - product),)
 
@@ -351,6 +388,55 @@ def self_distances(x: jax.Array, squared: bool = False) -> jax.Array:
 self_distances.defvjp(_self_distances_fwd, _self_distances_bwd)
 
 
+def _memory_distances_fwd(rows, cols, memory, squared):
+    every = jnp.concatenate([cols, memory])
+    sq = (jnp.sum(rows * rows, axis=1)[:, None] + jnp.sum(every * every, axis=1)[None, :]
+          - 2.0 * distances.dot_products(rows, every))
+    # safe_sqrt maps sq <= 0 to 0 itself; a clamp here would be fused into XLA's CPU dot
+    # through a materialised [b, B + M] broadcast of 0.
+    d = jnp.maximum(sq, 0.0) if squared else distances.safe_sqrt(sq)
+    return d, (rows, cols, every, d)
+
+
+def _memory_distances_bwd(squared, residuals, s):
+    # d_ij = |x_i - y_j|: dx_i = sum_j t_ij (x_i - y_j), and for a batch column y_j
+    # dy_j = sum_i t_ij (y_j - x_i), with t as in `_distance_cotangent`.
+    rows, cols, every, d = residuals
+    t = _distance_cotangent(s, d, squared)
+    highest = jax.lax.Precision.HIGHEST
+    d_rows = rows * jnp.sum(t, axis=1)[:, None] - jnp.matmul(t, every, precision=highest)
+    t_cols = t[:, :cols.shape[0]]
+    d_cols = cols * jnp.sum(t_cols, axis=0)[:, None] - jnp.matmul(t_cols.T, rows, precision=highest)
+    return d_rows, d_cols, jnp.zeros((every.shape[0] - cols.shape[0], every.shape[1]))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def memory_distances(
+    rows: jax.Array, cols: jax.Array, memory: jax.Array, squared: bool = False
+) -> jax.Array:
+    """Euclidean distances (``squared``: squared, clamped at 0) of the rows ``[b, D]`` to the
+    batch columns ``[B, D]`` and the constant memory rows ``[M, D]``, float32 ``[b, B + M]``,
+    as :func:`distances_of` computes them.
+
+    One product forward, against the stacked ``[B + M, D]`` columns. The gradient is
+    ``x * rowsum(T) - T @ [cols; memory]`` for the rows and ``y * colsum(T_B) - T_B^T @ rows``
+    for the batch columns (``T = S / d`` from the cotangent ``S`` of the distances, as in
+    :func:`self_distances`; ``T_B`` its batch block); the memory takes none. Autodiff would
+    also form the whole ``[B + M, D]`` product ``T^T @ rows`` and pass over ``[b, B + M]``
+    once more for the Gram matrix's cotangent.
+    """
+    return _memory_distances_fwd(rows, cols, memory, squared)[0]
+
+
+memory_distances.defvjp(_memory_distances_fwd, _memory_distances_bwd)
+
+
+def _memory_distances_of(batch, axis_name, normalize, squared):
+    rows, cols = points(batch, axis_name, normalize=normalize)
+    memory = distances.l2_normalize(batch.memory) if normalize else batch.memory
+    return memory_distances(rows, cols, jax.lax.stop_gradient(memory), squared)
+
+
 def distances_of(
     batch: PairBatch, axis_name: str | None, *, symmetric: bool = False
 ) -> jax.Array:
@@ -360,6 +446,8 @@ def distances_of(
     ``axis_name`` and memory the distances then come from :func:`self_distances`."""
     if symmetric and axis_name is None and not batch.memory.shape[0]:
         return self_distances(points(batch, None)[0], False)
+    if batch.memory.shape[0]:
+        return _memory_distances_of(batch, axis_name, False, False)
     return distances.safe_sqrt(squared_distances_of(batch, axis_name, symmetric=symmetric))
 
 

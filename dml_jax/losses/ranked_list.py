@@ -83,8 +83,10 @@ def _per_query_fwd(d, pos, neg, margin, alpha, t_n, t_p, symmetric):
     total_p, total_n = jnp.sum(w_p, axis=1), jnp.sum(w_n, axis=1)
     has_p, has_n = total_p > 0, total_n > 0
     safe_p, safe_n = jnp.where(has_p, total_p, 1.0), jnp.where(has_n, total_n, 1.0)
-    loss_p = jnp.sum(w_p * (d - boundary), axis=1) / safe_p
-    loss_n = jnp.sum(w_n * (alpha - d), axis=1) / safe_n
+    # The weighted means of d - boundary and alpha - d, from the weighted sums of d: the
+    # shifted copies of d would each be one more [b, M] array for the reductions to read.
+    loss_p = jnp.where(has_p, jnp.sum(w_p * d, axis=1) / safe_p - boundary, 0.0)
+    loss_n = jnp.where(has_n, alpha - jnp.sum(w_n * d, axis=1) / safe_n, 0.0)
     log_w_p = jnp.where(has_p, jnp.log(safe_p) + top_p, _batch.NEG_LARGE)
     log_w_n = jnp.where(has_n, jnp.log(safe_n) + top_n, _batch.NEG_LARGE)
     residuals = (d, pos, neg, margin, alpha, t_n, t_p, top_p, top_n, safe_p, safe_n)

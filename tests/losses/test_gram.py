@@ -86,6 +86,51 @@ def test_self_distances_gradient_on_a_symmetric_cotangent(squared):
     assert np.abs(np.asarray(g1)).max() > 0.1
 
 
+@pytest.mark.parametrize("squared", [False, True, None])  # None: the Gram matrix
+@pytest.mark.parametrize("shared", [True, False])
+def test_memory_blocks_against_autodiff(squared, shared):
+    """``memory_distances`` / ``memory_gram`` (rows against batch columns and constant memory
+    rows) against autodiff of the plain computation, with the columns the rows themselves (the
+    single-device view: both gradients reach one array) or a separate array (the gathered
+    columns under ``axis_name``); a duplicate of a row in the memory, a zero row, and a
+    non-symmetric cotangent. The memory's gradient is zero."""
+    rng = np.random.default_rng(6)
+    x = rng.integers(-3, 4, size=(10, 5)).astype(np.float32)
+    x[4] = 0.0
+    cols = x if shared else rng.integers(-3, 4, size=(14, 5)).astype(np.float32)
+    memory = rng.integers(-3, 4, size=(7, 5)).astype(np.float32)
+    memory[2] = x[1]
+    x, cols, memory = (jnp.asarray(a) for a in (x, cols, memory))
+    w = jnp.asarray(rng.normal(size=(10, cols.shape[0] + 7)), jnp.float32)
+
+    def plain(x, c, m):
+        every = jnp.concatenate([c, m])
+        g = jnp.matmul(x, every.T, precision=jax.lax.Precision.HIGHEST)
+        if squared is None:
+            return jnp.sum(w * g)
+        sq = jnp.sum(x * x, axis=1)[:, None] + jnp.sum(every * every, axis=1)[None] - 2 * g
+        d = jnp.maximum(sq, 0)
+        return jnp.sum(w * (d if squared else distances.safe_sqrt(d)))
+
+    def custom(x, c, m):
+        if squared is None:
+            return jnp.sum(w * _batch.memory_gram(x, c, m))
+        return jnp.sum(w * _batch.memory_distances(x, c, m, squared))
+
+    def run(fn):
+        if shared:
+            return jax.value_and_grad(lambda x, m: fn(x, x, m), argnums=(0, 1))(x, memory)
+        return jax.value_and_grad(fn, argnums=(0, 1, 2))(x, cols, memory)
+
+    (v1, g1), (v2, g2) = run(custom), run(plain)
+    np.testing.assert_allclose(v1, v2, rtol=1e-5)
+    for a, b in zip(g1[:-1], g2[:-1]):
+        assert np.all(np.isfinite(a))
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+        assert np.abs(np.asarray(a)).max() > 0.1
+    np.testing.assert_array_equal(g1[-1], 0.0)  # the memory: constants
+
+
 def test_row_logsumexp_gives_the_points_the_plain_gradient():
     """Its symmetric cotangent against autodiff of the plain masked log-sum-exp, through a
     symmetric function of the points; one row without a masked entry (NEG_LARGE, zero
