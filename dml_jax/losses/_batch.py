@@ -389,25 +389,33 @@ self_distances.defvjp(_self_distances_fwd, _self_distances_bwd)
 
 
 def _memory_distances_fwd(rows, cols, memory, squared):
+    # |x_i - y_j|^2 as one product of augmented vectors, [-2 x_i, |x_i|^2, 1] . [y_j, 1, |y_j|^2]:
+    # the product's output is the squared distance, with no [b, B + M] pass to add the norms.
     every = jnp.concatenate([cols, memory])
-    sq = (jnp.sum(rows * rows, axis=1)[:, None] + jnp.sum(every * every, axis=1)[None, :]
-          - 2.0 * distances.dot_products(rows, every))
-    # safe_sqrt maps sq <= 0 to 0 itself; a clamp here would be fused into XLA's CPU dot
-    # through a materialised [b, B + M] broadcast of 0.
-    d = jnp.maximum(sq, 0.0) if squared else distances.safe_sqrt(sq)
-    return d, (rows, cols, every, d)
+    every_aug = jnp.concatenate(
+        [every, jnp.ones((every.shape[0], 1)), jnp.sum(every * every, axis=1, keepdims=True)], 1
+    )
+    rows_aug = jnp.concatenate(
+        [-2.0 * rows, jnp.sum(rows * rows, axis=1, keepdims=True), jnp.ones((rows.shape[0], 1))],
+        1,
+    )
+    sq = distances.dot_products(rows_aug, every_aug)
+    d = jnp.maximum(sq, 0.0) if squared else distances.safe_sqrt(sq)  # safe_sqrt: 0 for sq <= 0
+    return d, (rows, cols, every_aug, d)
 
 
 def _memory_distances_bwd(squared, residuals, s):
     # d_ij = |x_i - y_j|: dx_i = sum_j t_ij (x_i - y_j), and for a batch column y_j
     # dy_j = sum_i t_ij (y_j - x_i), with t as in `_distance_cotangent`.
-    rows, cols, every, d = residuals
+    rows, cols, every_aug, d = residuals
     t = _distance_cotangent(s, d, squared)
     highest = jax.lax.Precision.HIGHEST
-    d_rows = rows * jnp.sum(t, axis=1)[:, None] - jnp.matmul(t, every, precision=highest)
+    dim = rows.shape[1]
+    d_rows = (rows * jnp.sum(t, axis=1)[:, None]
+              - jnp.matmul(t, every_aug, precision=highest)[:, :dim])
     t_cols = t[:, :cols.shape[0]]
     d_cols = cols * jnp.sum(t_cols, axis=0)[:, None] - jnp.matmul(t_cols.T, rows, precision=highest)
-    return d_rows, d_cols, jnp.zeros((every.shape[0] - cols.shape[0], every.shape[1]))
+    return d_rows, d_cols, jnp.zeros((every_aug.shape[0] - cols.shape[0], dim))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -418,7 +426,8 @@ def memory_distances(
     batch columns ``[B, D]`` and the constant memory rows ``[M, D]``, float32 ``[b, B + M]``,
     as :func:`distances_of` computes them.
 
-    One product forward, against the stacked ``[B + M, D]`` columns. The gradient is
+    One product forward, of augmented vectors ``[-2 x_i, |x_i|^2, 1] . [y_j, 1, |y_j|^2]`` (the
+    stacked columns ``[B + M, D + 2]``), whose output is the squared distance. The gradient is
     ``x * rowsum(T) - T @ [cols; memory]`` for the rows and ``y * colsum(T_B) - T_B^T @ rows``
     for the batch columns (``T = S / d`` from the cotangent ``S`` of the distances, as in
     :func:`self_distances`; ``T_B`` its batch block); the memory takes none. Autodiff would
