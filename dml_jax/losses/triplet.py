@@ -277,7 +277,7 @@ def _semi_hard_bucketed(d, batch, margin, split, slots):
     return _scatter_rows(active, cols, d.shape[1]) - neg_coef, jnp.sum(active)
 
 
-def _mined_total(d, batch, margin, slotted, fallback, bucketed=None):
+def _mined_total(d, batch, margin, slotted, fallback, bucketed=None, symmetric=False):
     """``sum over active terms of (d_ap - d_an + margin) = sum(C * d) + margin * n_active``.
 
     ``C`` and ``n_active`` come from ``slotted(d, batch, start, margin, slots)`` with the
@@ -285,7 +285,11 @@ def _mined_total(d, batch, margin, slotted, fallback, bucketed=None):
     else, with a memory, from ``bucketed(d, batch, margin, split, slots)`` with the smallest
     of ``BUCKET_SIZES`` that holds every row's two runs of positives (batch and memory
     columns); else from ``fallback(d, batch, margin)``. The mining runs on constants: the
-    gradient is ``C``, through the one ``[b, B]`` product.
+    gradient is ``C``, through the one ``[b, B]`` product. ``symmetric``: ``d`` is the batch
+    against itself (symmetric); ``sum(C * d)`` then equals ``sum((C + C^T) / 2 * d)``, whose
+    symmetric cotangent lets the distances take their one-product gradient
+    (:func:`dml_jax.losses._batch.self_distances`): one ``[B, B]`` transpose instead of a
+    second product.
     """
     const = jax.lax.stop_gradient(d)
     start, span = _positive_span(batch.pos)
@@ -303,18 +307,23 @@ def _mined_total(d, batch, margin, slotted, fallback, bucketed=None):
         ]
     branches.append(lambda d, b, start: fallback(d, b, margin))
     coef, active = jax.lax.switch(index, branches, const, batch, start)
+    if symmetric:
+        coef = 0.5 * (coef + coef.T)
     return jnp.sum(coef * d) + margin * active
 
 
-def _all_triplets(d, batch, margin):
-    total = _mined_total(d, batch, margin, _all_slotted, _all_sorted, _all_bucketed)
+def _all_triplets(d, batch, margin, symmetric=False):
+    total = _mined_total(
+        d, batch, margin, _all_slotted, _all_sorted, _all_bucketed, symmetric=symmetric
+    )
     num_triplets = jnp.sum(batch.pos_count * batch.neg_count)
     return total, num_triplets
 
 
-def _semi_hard(d, batch, margin):
+def _semi_hard(d, batch, margin, symmetric=False):
     total = _mined_total(
-        d, batch, margin, _semi_hard_slotted, _semi_hard_sorted, _semi_hard_bucketed
+        d, batch, margin, _semi_hard_slotted, _semi_hard_sorted, _semi_hard_bucketed,
+        symmetric=symmetric,
     )
     count = jnp.sum(jnp.where(batch.neg_count > 0, batch.pos_count, 0.0))
     return total, count
@@ -384,9 +393,12 @@ def triplet_from_distances(
     mining: str,
     axis_name: str | None,
     points: jax.Array | None = None,
+    symmetric: bool = False,
 ) -> jax.Array:
     """The triplet loss from distances ``d`` ``[b, M]`` and the view's ``pos``/``neg``
-    ``[b, M]`` masks: the global mean of the ``mining`` rule's terms.
+    ``[b, M]`` masks: the global mean of the ``mining`` rule's terms. ``symmetric``: ``d`` is a
+    symmetric ``[B, B]`` (the batch against itself, symmetric masks) and takes a symmetric
+    cotangent (``"all"``, ``"semi_hard"``; see :func:`_mined_total`).
 
     Exact for any column order; the ``"all"`` and ``"semi_hard"`` miners are fastest when
     each row's positive columns are close together (``pair_batch(sort_by_label=True)``).
@@ -397,7 +409,7 @@ def triplet_from_distances(
     if mining == "batch_hard":
         total, count = _batch_hard(d, batch, margin, points)
     else:
-        total, count = MINERS[mining](d, batch, margin)
+        total, count = MINERS[mining](d, batch, margin, symmetric)
     return _batch.global_mean(total, count, axis_name)
 
 
@@ -453,9 +465,12 @@ def triplet_loss(
     )
     batch = with_memory(batch, memory, sort_by_label=mining != "batch_hard")
     points = batch.cols
+    # The batch against itself (rows and columns in the same label order): "all" and
+    # "semi_hard" take a symmetric cotangent (see `_mined_total`).
+    symmetric = axis_name is None and memory is None and mining != "batch_hard"
     if batch.memory.shape[0]:
         points = jnp.concatenate([points, batch.memory])
     return triplet_from_distances(
-        _batch.distances_of(batch, axis_name), batch, margin=margin, mining=mining,
-        axis_name=axis_name, points=points,
+        _batch.distances_of(batch, axis_name, symmetric=symmetric), batch, margin=margin,
+        mining=mining, axis_name=axis_name, points=points, symmetric=symmetric,
     )
