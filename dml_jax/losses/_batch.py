@@ -452,7 +452,8 @@ def distances_of(
     """Euclidean distances of the local rows to the columns, float32 ``[b, B + M]`` (finite
     gradient at 0, see :func:`dml_jax.distances.safe_sqrt`). ``symmetric``: the loss's
     cotangent of the ``[B, B]`` block is symmetric (see :func:`self_gram`); without
-    ``axis_name`` and memory the distances then come from :func:`self_distances`."""
+    ``axis_name`` and memory the distances then come from :func:`self_distances`. With a
+    memory they come from :func:`memory_distances`."""
     if symmetric and axis_name is None and not batch.memory.shape[0]:
         return self_distances(points(batch, None)[0], False)
     if batch.memory.shape[0]:
