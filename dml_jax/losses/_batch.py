@@ -401,21 +401,19 @@ def _memory_distances_fwd(rows, cols, memory, squared):
     )
     sq = distances.dot_products(rows_aug, every_aug)
     d = jnp.maximum(sq, 0.0) if squared else distances.safe_sqrt(sq)  # safe_sqrt: 0 for sq <= 0
-    return d, (rows, cols, every_aug, d)
+    return d, (rows, cols, every, d)
 
 
 def _memory_distances_bwd(squared, residuals, s):
     # d_ij = |x_i - y_j|: dx_i = sum_j t_ij (x_i - y_j), and for a batch column y_j
     # dy_j = sum_i t_ij (y_j - x_i), with t as in `_distance_cotangent`.
-    rows, cols, every_aug, d = residuals
+    rows, cols, every, d = residuals
     t = _distance_cotangent(s, d, squared)
     highest = jax.lax.Precision.HIGHEST
-    dim = rows.shape[1]
-    d_rows = (rows * jnp.sum(t, axis=1)[:, None]
-              - jnp.matmul(t, every_aug, precision=highest)[:, :dim])
+    d_rows = rows * jnp.sum(t, axis=1)[:, None] - jnp.matmul(t, every, precision=highest)
     t_cols = t[:, :cols.shape[0]]
     d_cols = cols * jnp.sum(t_cols, axis=0)[:, None] - jnp.matmul(t_cols.T, rows, precision=highest)
-    return d_rows, d_cols, jnp.zeros((every_aug.shape[0] - cols.shape[0], dim))
+    return d_rows, d_cols, jnp.zeros((every.shape[0] - cols.shape[0], every.shape[1]))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
