@@ -73,6 +73,18 @@ def _scatter_rows(values: jax.Array, cols: jax.Array, width: int) -> jax.Array:
     return jnp.zeros((values.shape[0], width), jnp.float32).at[rows, cols].add(values)
 
 
+def _scatter_cols(values: jax.Array, cols: jax.Array, height: int) -> jax.Array:
+    """The transpose of :func:`_scatter_rows`: ``out[cols[a, s], a] += values[a, s]``,
+    ``[b, S]`` -> ``[height, b]``."""
+    rows = jnp.arange(values.shape[0])[:, None]
+    return jnp.zeros((height, values.shape[0]), jnp.float32).at[cols, rows].add(values)
+
+
+def _symmetrised(coef: jax.Array) -> jax.Array:
+    """``(C + C^T) / 2`` of a square coefficient matrix (one strided ``[B, B]`` pass)."""
+    return 0.5 * (coef + coef.T)
+
+
 def _positive_span(pos: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Each row's first positive column ``[b]`` and the widest span of positive columns."""
     width = pos.shape[1]
@@ -96,7 +108,7 @@ def _pack_positives(d, batch, start, slots):
     return jnp.take_along_axis(d, cols, axis=1), filled, cols
 
 
-def _all_slotted(d, batch, start, margin, slots):
+def _all_slotted(d, batch, start, margin, slots, symmetric=False):
     d_ap, filled, cols = _pack_positives(d, batch, start, slots)
     threshold = jnp.where(filled, d_ap + margin, -jnp.inf)  # an empty slot is never active
     neg_d = jnp.where(batch.neg, d, jnp.inf)  # a non-negative never is
@@ -105,11 +117,18 @@ def _all_slotted(d, batch, start, margin, slots):
     per_positive = jnp.sum(  # [b, S]
         threshold[:, :, None] > neg_d[:, None, :], axis=2, dtype=jnp.float32
     )
-    per_negative = functools.reduce(  # [b, B]: the S slots unrolled
-        jnp.add,
-        [(threshold[:, s:s + 1] > neg_d).astype(jnp.float32) for s in range(slots)],
+    def count_negative(thresholds):  # [b, B]: the S slots unrolled
+        return functools.reduce(jnp.add, [(t > neg_d).astype(jnp.float32) for t in thresholds])
+
+    coef = _scatter_rows(per_positive, cols, d.shape[1]) - count_negative(
+        [threshold[:, s:s + 1] for s in range(slots)]  # each row's thresholds, [b, 1]
     )
-    coef = _scatter_rows(per_positive, cols, d.shape[1]) - per_negative
+    if symmetric:  # (C + C^T) / 2 without a transpose: C^T's entry (a, n) is C's (n, a), whose
+        # negative count compares the same neg_d[a, n] (d and neg symmetric) with column n's
+        # thresholds, [1, B]
+        coef = 0.5 * (coef + _scatter_cols(per_positive, cols, d.shape[1]) - count_negative(
+            [threshold[None, :, s] for s in range(slots)]
+        ))
     return coef, jnp.sum(per_positive)
 
 
@@ -134,7 +153,7 @@ def _semi_hard_terms(d, batch, d_ap, filled, pos_cols, neg_cols, margin):
     return coef, jnp.sum(active)
 
 
-def _semi_hard_slotted(d, batch, start, margin, slots):
+def _semi_hard_slotted(d, batch, start, margin, slots, symmetric=False):
     d_ap, filled, cols = _pack_positives(d, batch, start, slots)
     harder = batch.neg[:, None, :] & (d[:, None, :] > d_ap[:, :, None])  # [b, S, B]
     closest = jnp.min(jnp.where(harder, d[:, None, :], jnp.inf), axis=2)  # [b, S]
@@ -153,7 +172,8 @@ def _semi_hard_slotted(d, batch, start, margin, slots):
     )
     neg_coef = jnp.sum(w_close[:, :, None] * hit_close, axis=1) + w_far[:, None] * hit_far
     active = active.astype(jnp.float32)
-    return _scatter_rows(active, cols, d.shape[1]) - neg_coef, jnp.sum(active)
+    coef = _scatter_rows(active, cols, d.shape[1]) - neg_coef
+    return _symmetrised(coef) if symmetric else coef, jnp.sum(active)
 
 
 def _semi_hard_sorted(d, batch, margin):
@@ -288,14 +308,16 @@ def _mined_total(d, batch, margin, slotted, fallback, bucketed=None, symmetric=F
     gradient is ``C``, through the one ``[b, B]`` product. ``symmetric``: ``d`` is the batch
     against itself (symmetric); ``sum(C * d)`` then equals ``sum((C + C^T) / 2 * d)``, whose
     symmetric cotangent lets the distances take their one-product gradient
-    (:func:`dml_jax.losses._batch.self_distances`): one ``[B, B]`` transpose instead of a
-    second product.
+    (:func:`dml_jax.losses._batch.self_distances`) instead of a second, transposed product.
+    The ``"all"`` slotted path builds ``C^T`` entry by entry (column thresholds, a transposed
+    scatter); the others transpose ``C`` (one strided ``[B, B]`` pass).
     """
     const = jax.lax.stop_gradient(d)
     start, span = _positive_span(batch.pos)
     index = jnp.searchsorted(jnp.asarray(SLOT_SIZES), span)  # len(SLOT_SIZES) -> fallback
     branches = [
-        functools.partial(slotted, margin=margin, slots=s) for s in SLOT_SIZES
+        functools.partial(slotted, margin=margin, slots=s, symmetric=symmetric)
+        for s in SLOT_SIZES
     ]
     split = d.shape[1] - batch.memory.shape[0]  # the batch columns; the memory's after
     if bucketed is not None and split < d.shape[1]:
@@ -305,10 +327,13 @@ def _mined_total(d, batch, margin, slotted, fallback, bucketed=None, symmetric=F
         branches += [
             lambda d, b, start, s=s: bucketed(d, b, margin, split, s) for s in BUCKET_SIZES
         ]
-    branches.append(lambda d, b, start: fallback(d, b, margin))
+
+    def fallback_branch(d, b, start):
+        coef, active = fallback(d, b, margin)
+        return _symmetrised(coef) if symmetric else coef, active
+
+    branches.append(fallback_branch)
     coef, active = jax.lax.switch(index, branches, const, batch, start)
-    if symmetric:
-        coef = 0.5 * (coef + coef.T)
     return jnp.sum(coef * d) + margin * active
 
 
