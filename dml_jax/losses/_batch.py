@@ -406,14 +406,14 @@ def _memory_distances_fwd(rows, cols, memory, squared):
 
 def _memory_distances_bwd(squared, residuals, s):
     # d_ij = |x_i - y_j|: dx_i = sum_j t_ij (x_i - y_j), and for a batch column y_j
-    # dy_j = sum_i t_ij (y_j - x_i), with t as in `_distance_cotangent`.
+    # dy_j = sum_i t_ij (y_j - x_i), with t as in `_distance_cotangent`: the row and column
+    # sums of t times the points, minus the Gram matrix's gradient for the cotangent t.
     rows, cols, every, d = residuals
     t = _distance_cotangent(s, d, squared)
-    highest = jax.lax.Precision.HIGHEST
-    d_rows = rows * jnp.sum(t, axis=1)[:, None] - jnp.matmul(t, every, precision=highest)
+    g_rows, g_cols, g_memory = _memory_gram_bwd((rows, cols, every), t)
     t_cols = t[:, :cols.shape[0]]
-    d_cols = cols * jnp.sum(t_cols, axis=0)[:, None] - jnp.matmul(t_cols.T, rows, precision=highest)
-    return d_rows, d_cols, jnp.zeros((every.shape[0] - cols.shape[0], every.shape[1]))
+    return (rows * jnp.sum(t, axis=1)[:, None] - g_rows,
+            cols * jnp.sum(t_cols, axis=0)[:, None] - g_cols, g_memory)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
