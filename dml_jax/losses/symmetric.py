@@ -43,13 +43,11 @@ from dml_jax.losses._pairs import (
     PairLayout,
     angular_logits,
     check_pairs,
-    first_of,
     l2_regulariser,
     max_pair_logits,
     pair_layout,
     reflection_coefficient,
     same_class,
-    select,
     softmax_cross_entropy,
 )
 from dml_jax.losses.lifted import lifted_from_distances
@@ -101,19 +99,34 @@ def reflect(points: jax.typing.ArrayLike, axes: jax.typing.ArrayLike) -> jax.Arr
     return 2.0 * jnp.sum(p * unit, axis=-1, keepdims=True) * unit - p
 
 
+def partners(x: jax.Array) -> jax.Array:
+    """Each entry's pair partner along the last axis: entries ``2k`` and ``2k + 1`` of ``x``
+    ``[..., B]`` swapped (``B`` even). An index permutation XLA fuses into its consumers."""
+    shape = x.shape
+    return x.reshape(*shape[:-1], shape[-1] // 2, 2)[..., ::-1].reshape(shape)
+
+
 class SymmetricView(NamedTuple):
-    """Local rows against ``B`` original columns followed by ``N = B/2`` mined negatives.
+    """Local rows against the ``B`` columns of the pair layout, with each mined negative in place.
+
+    Pair ``k``'s two columns ``2k``, ``2k + 1`` hold the original points ``x_k``, ``x_l``. For a
+    row ``i`` of another class, the mined point of the pair (the closest of ``x_k``, ``x_l``,
+    ``x'_k``, ``x'_l``) replaces the column it was made from (``x_k`` or ``x'_k``: column
+    ``2k``; ``x_l`` or ``x'_l``: column ``2k + 1``), which alone is marked ``neg``; the other
+    column of that pair is in neither mask. Same-class columns are the original points.
 
     Attributes:
       batch: the original :class:`~dml_jax.losses._batch.PairBatch`.
-      sq: float32 ``[b, B + N]`` squared distances (of L2-normalised points if ``normalize``).
-      dots: float32 ``[b, B + N]`` the matching dot products.
-      pos: bool ``[b, B + N]``: original same-class columns (``batch.pos``), none of the mined.
-      neg: bool ``[b, B + N]``: the mined negative of every valid pair of another class.
-      choice: int32 ``[b, N]``: the mined point of each pair: 0 ``x_k``, 1 ``x_l``,
+      sq: float32 ``[b, B]`` squared distances (of L2-normalised points if ``normalize``).
+      dots: float32 ``[b, B]`` the matching dot products.
+      pos: bool ``[b, B]``: original same-class columns (``batch.pos``).
+      neg: bool ``[b, B]``: the mined column of every valid pair of another class.
+      choice: int32 ``[b, N]`` (``N = B / 2``): the mined point of each pair: 0 ``x_k``, 1 ``x_l``,
         2 ``x'_k = reflect(x_k about x_l)``, 3 ``x'_l = reflect(x_l about x_k)``.
+      mined_sq: float32 ``[b, N]``: the squared distance to the mined point of each pair
+        (differentiable, as ``sq``).
       neg_count: float32 ``[b]``: each row's number of mined negatives (``sum(neg, 1)``),
-        counted from the sorted pair labels, not from the ``[b, B + N]`` mask.
+        counted from the sorted pair labels, not from the ``[b, B]`` mask.
     """
 
     batch: _batch.PairBatch
@@ -122,6 +135,7 @@ class SymmetricView(NamedTuple):
     pos: jax.Array
     neg: jax.Array
     choice: jax.Array
+    mined_sq: jax.Array
     neg_count: jax.Array
 
 
@@ -138,58 +152,57 @@ def symmetric_view(
     For anchor ``i`` and column pair ``k`` (points ``x_k = cols[2k]``, ``x_l = cols[2k+1]``)
     the candidates are ``{x_k, x_l, x'_k, x'_l}``; the chosen one minimises
     ``||x_i - x||^2`` (on L2-normalised points when ``normalize``, i.e. maximises cosine
-    similarity). Computed from the Gram matrix: ``x_i.x'_k = 2 (x_k.x_l)(x_i.x_l)/||x_l||^2 -
-    x_i.x_k`` and ``||x'_k|| = ||x_k||``. Memory: a few ``[b, B]`` matrices.
+    similarity), compared as ``||x||^2 - 2 x_i.x`` in float32; exact ties go to the first of
+    ``x_k, x'_k, x_l, x'_l``. Computed from the Gram matrix, column by column:
+    ``x_i.x'_k = 2 (x_k.x_l)(x_i.x_l)/||x_l||^2 - x_i.x_k`` takes column ``2k`` and its
+    partner's, and ``||x'_k|| = ||x_k||``. Memory: a few ``[b, B]`` matrices; the mined
+    negatives take their pairs' columns, so nothing is ``[b, B + N]``.
     """
     batch = _batch.pair_batch(embeddings, labels, where, axis_name)
     check_pairs(batch.rows.shape[0])
     cols = _batch.points(batch, axis_name, normalize=normalize)[1]
     g, n_rows, n_cols = _batch.gram(batch, axis_name, normalize=normalize)  # [b, B], [b], [B]
 
-    def squared(col_norms, dots):  # |x_i - y|^2 from |y|^2 [1, N] and x_i . y [b, N]
-        return jnp.maximum(n_rows[:, None] + col_norms - 2.0 * dots, 0.0)
+    def squared(dots):  # |x_i - y|^2 for a point y of each column's norm, from x_i . y [b, B]
+        return jnp.maximum(n_rows[:, None] + n_cols[None, :] - 2.0 * dots, 0.0)
 
-    sq = squared(n_cols[None, :], g)
-    xk, xl = cols[0::2], cols[1::2]
-    nk, nl = n_cols[0::2], n_cols[1::2]
-    kl = jnp.sum(xk * xl, axis=1)
-    g_k, g_l = g[:, 0::2], g[:, 1::2]
-    c_l = reflection_coefficient(kl, nl)[None, :]  # x'_k = c_l x_l - x_k
-    c_k = reflection_coefficient(kl, nk)[None, :]  # x'_l = c_k x_k - x_l
-    nk, nl = nk[None, :], nl[None, :]
-    candidates = jax.lax.stop_gradient([  # to x_k, x_l, x'_k, x'_l (constants: they only choose)
-        squared(nk, g_k),
-        squared(nl, g_l),
-        squared(nk, c_l * g_l - g_k),
-        squared(nl, c_k * g_k - g_l),
-    ])
-    choice = first_of(candidates, functools.reduce(jnp.minimum, candidates))  # as argmin
-    # The chosen point is u x_k + v x_l: its dot with x_i is u g_k + v g_l, elementwise in
-    # both directions (no [4, b, N] stack to differentiate).
-    u = select(choice, [1.0, 0.0, -1.0, c_k])
-    v = select(choice, [0.0, 1.0, c_l, -1.0])
-    mined_dots = u * g_k + v * g_l
-    mined_sq = squared(jnp.where(choice % 2 == 0, nk, nl), mined_dots)
-
-    pair_labels = batch.col_labels[0::2]
-    pair_valid = batch.col_valid[0::2] & batch.col_valid[1::2]
-    mined_neg = (
+    # Column j's synthetic point x'_j = reflect(x_j about its partner p) = c_j x_p - x_j has
+    # x_j's norm, so of the two points of column j the closer to x_i has the larger dot, and
+    # of the pair's two columns the closer has the smaller |y|^2 - 2 x_i.y (x_i's norm is the
+    # same for both). The choice is a constant.
+    partner_rows = cols.reshape(-1, 2, cols.shape[1])[:, ::-1].reshape(cols.shape)
+    coef = reflection_coefficient(jnp.sum(cols * partner_rows, axis=1), partners(n_cols))
+    synthetic = coef[None, :] * partners(g) - g  # x_i . x'_j, [b, B]
+    use_synthetic = jax.lax.stop_gradient(synthetic > g)  # ties: the original point
+    mined = jnp.where(use_synthetic, synthetic, g)  # the closer point of each column
+    score = jax.lax.stop_gradient(n_cols[None, :] - 2.0 * mined)
+    even = (jnp.arange(g.shape[1]) % 2 == 0)[None, :]
+    chosen = jnp.where(even, score <= partners(score), score < partners(score))  # ties: x_k
+    pair_labels = jnp.repeat(batch.col_labels[0::2], 2)  # [B]: the label of each column's pair
+    pair_valid = batch.col_valid & partners(batch.col_valid)
+    pair_negative = (
         (batch.row_labels[:, None] != pair_labels[None, :])
         & batch.row_valid[:, None]
         & pair_valid[None, :]
     )
-    none = jnp.zeros_like(mined_neg)
-    same_pairs = _batch.label_counts(batch.row_labels, pair_labels, pair_valid)
+    neg = pair_negative & chosen
+    dots = jnp.where(neg, mined, g)
+    same_pairs = _batch.label_counts(batch.row_labels, pair_labels[0::2], pair_valid[0::2])
     neg_count = jnp.where(
-        batch.row_valid, jnp.sum(pair_valid, dtype=jnp.int32) - same_pairs, 0
+        batch.row_valid, jnp.sum(pair_valid[0::2], dtype=jnp.int32) - same_pairs, 0
     ).astype(jnp.float32)
+    first = chosen[:, 0::2]  # [b, N]: the pair's mined point is in its first column
+    mined_sq = squared(mined)  # [b, N] below: unused by the losses, so never computed there
     return SymmetricView(
         batch=batch,
-        sq=jnp.concatenate([sq, mined_sq], axis=1),
-        dots=jnp.concatenate([g, mined_dots], axis=1),
-        pos=jnp.concatenate([batch.pos, none], axis=1),
-        neg=jnp.concatenate([jnp.zeros_like(batch.pos), mined_neg], axis=1),
-        choice=choice,
+        sq=squared(dots),
+        dots=dots,
+        pos=batch.pos,
+        neg=neg,
+        choice=jnp.where(first, 0, 1) + 2 * jnp.where(
+            first, use_synthetic[:, 0::2], use_synthetic[:, 1::2]
+        ).astype(jnp.int32),
+        mined_sq=jnp.where(first, mined_sq[:, 0::2], mined_sq[:, 1::2]),
         neg_count=neg_count,
     )
 
@@ -220,11 +233,10 @@ def symmetric_hard_negatives(
     view = symmetric_view(
         embeddings, labels, normalize=normalize, where=where, axis_name=axis_name
     )
-    num_cols = view.batch.cols.shape[0]
     return (
-        distances.safe_sqrt(view.sq[:, num_cols:]),
+        distances.safe_sqrt(view.mined_sq),
         view.choice,
-        view.neg[:, num_cols:],
+        view.neg[:, 0::2] | view.neg[:, 1::2],
     )
 
 
@@ -364,14 +376,9 @@ def symmetric_osm_caa_loss(
     a_rows, a_cols = prepare_attention(
         logits, view.batch.row_labels, view.batch.row_valid, attention, axis_name
     )
-    a_pairs = jnp.stack([a_cols[0::2], a_cols[1::2]])  # [2, N]: a_k, a_l
-    a_mined = jnp.take_along_axis(a_pairs, view.choice % 2, axis=0)  # [b, N]
-    num_rows = a_rows.shape[0]
-    a_all = jnp.concatenate(
-        [jnp.broadcast_to(a_cols[None, :], (num_rows, a_cols.shape[0])), a_mined], axis=1
-    )
+    # A mined point sits in the column of the point it reflects and carries its attention.
     return osm_caa_from_squared_distances(
-        view.sq, view.pos, view.neg, a_rows, a_all,
+        view.sq, view.pos, view.neg, a_rows, a_cols,
         margin=margin, sigma=sigma, lam=lam, kernel=kernel, axis_name=axis_name,
     )
 
