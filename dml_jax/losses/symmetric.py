@@ -59,7 +59,7 @@ from dml_jax.losses.osm_caa import (
     prepare_attention,
 )
 from dml_jax.losses.pair import contrastive_from_distances
-from dml_jax.losses.triplet import MINING, triplet_from_distances
+from dml_jax.losses.triplet import MINING, DistanceTo, triplet_from_distances
 
 __all__ = [
     "POSITIVE_RULES",
@@ -121,6 +121,8 @@ class SymmetricView(NamedTuple):
       dots: float32 ``[b, B]`` the matching dot products.
       pos: bool ``[b, B]``: original same-class columns (``batch.pos``).
       neg: bool ``[b, B]``: the mined column of every valid pair of another class.
+      synthetic: bool ``[b, B]``: the mined columns that hold a synthetic point (``x'_k`` in
+        column ``2k``, ``x'_l`` in ``2k + 1``).
       choice: int32 ``[b, N]`` (``N = B / 2``): the mined point of each pair: 0 ``x_k``, 1 ``x_l``,
         2 ``x'_k = reflect(x_k about x_l)``, 3 ``x'_l = reflect(x_l about x_k)``.
       mined_sq: float32 ``[b, N]``: the squared distance to the mined point of each pair
@@ -134,6 +136,7 @@ class SymmetricView(NamedTuple):
     dots: jax.Array
     pos: jax.Array
     neg: jax.Array
+    synthetic: jax.Array
     choice: jax.Array
     mined_sq: jax.Array
     neg_count: jax.Array
@@ -199,6 +202,7 @@ def symmetric_view(
         dots=dots,
         pos=batch.pos,
         neg=neg,
+        synthetic=neg & use_synthetic,
         choice=jnp.where(first, 0, 1) + 2 * jnp.where(
             first, use_synthetic[:, 0::2], use_synthetic[:, 1::2]
         ).astype(jnp.int32),
@@ -240,6 +244,26 @@ def symmetric_hard_negatives(
     )
 
 
+def _mined_distances(view: SymmetricView) -> DistanceTo:
+    """``index [b] -> sqrt(view.sq[a, index[a]])`` recomputed from the gathered column and its
+    partner (``[b, D]`` work) in the view's Gram form, so with the same gradient (Euclidean
+    views; for :func:`~dml_jax.losses.triplet.triplet_from_distances`' sparse batch-hard)."""
+    rows, cols = view.batch.rows, view.batch.cols
+
+    def distance_to(index):
+        own, partner = cols[index], cols[index ^ 1]
+        coef = reflection_coefficient(
+            jnp.sum(own * partner, axis=1), jnp.sum(partner * partner, axis=1)
+        )
+        own_dot = jnp.sum(rows * own, axis=1)
+        synthetic = jnp.take_along_axis(view.synthetic, index[:, None], axis=1)[:, 0]
+        dot = jnp.where(synthetic, coef * jnp.sum(rows * partner, axis=1) - own_dot, own_dot)
+        sq = jnp.sum(rows * rows, axis=1) + jnp.sum(own * own, axis=1) - 2.0 * dot
+        return distances.safe_sqrt(jnp.maximum(sq, 0.0))
+
+    return distance_to
+
+
 def _view_batch(view: SymmetricView) -> _batch.PairBatch:
     return view.batch._replace(  # the view's positives are the batch's: pos_count holds
         pos=view.pos, neg=view.neg, neg_count=view.neg_count
@@ -268,8 +292,8 @@ def symmetric_triplet_loss(
     # The view's columns keep each anchor's partner (its one positive) next to it, so the
     # triplet miners' 2-slot path applies.
     return triplet_from_distances(
-        distances.safe_sqrt(view.sq), _view_batch(view),
-        margin=margin, mining=mining, axis_name=axis_name,
+        distances.safe_sqrt(view.sq), _view_batch(view), margin=margin, mining=mining,
+        axis_name=axis_name, distance_to=_mined_distances(view),
     )
 
 

@@ -43,6 +43,7 @@ coefficients back): ``O(b S W)`` comparisons and ``O(b W)`` scatters and gathers
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -52,6 +53,8 @@ from dml_jax.losses import _batch
 from dml_jax.losses.memory import XBMState, with_memory
 
 MINING = ("all", "batch_hard", "semi_hard")
+# index [b] -> each row's distance [b] to its column index[a], differentiable.
+DistanceTo = Callable[[jax.Array], jax.Array]
 SLOT_SIZES = (2, 8, 32)
 # Static bounds on an anchor's positive slots in the bucketed path (with a memory).
 BUCKET_SIZES = (128, 512)
@@ -354,16 +357,30 @@ def _semi_hard(d, batch, margin, symmetric=False):
     return total, count
 
 
-def _batch_hard(d, batch, margin, points=None):
+def _batch_hard(d, batch, margin, distance_to=None):
     valid = (batch.pos_count > 0) & (batch.neg_count > 0)
-    if points is not None:
-        return _batch_hard_sparse(d, batch, margin, points, valid)
+    if distance_to is not None:
+        return _batch_hard_sparse(d, batch, margin, distance_to, valid)
     hardest_pos = jnp.max(jnp.where(batch.pos, d, -jnp.inf), axis=1)
     hardest_neg = jnp.min(jnp.where(batch.neg, d, jnp.inf), axis=1)
     terms = jax.nn.relu(
         jnp.where(valid, hardest_pos, 0.0) - jnp.where(valid, hardest_neg, 0.0) + margin
     )
     return _batch.masked_sum(terms, valid), jnp.sum(valid, dtype=jnp.float32)
+
+
+def gathered_distances(rows: jax.Array, points: jax.Array) -> DistanceTo:
+    """The ``distance_to`` of plain columns: ``index [b] -> |rows[a] - points[index[a]]|``
+    ``[b]``, in the Gram form of the dense distances (so its gradient is theirs). ``rows``
+    ``[b, D]``, ``points`` ``[M, D]``; holds ``[b, D]``."""
+    row_sq = jnp.sum(rows * rows, axis=1)
+
+    def distance_to(index):
+        other = points[index]
+        sq = row_sq + jnp.sum(other * other, axis=1) - 2.0 * jnp.sum(rows * other, axis=1)
+        return distances.safe_sqrt(jnp.maximum(sq, 0.0))
+
+    return distance_to
 
 
 def _first_column(hit: jax.Array) -> jax.Array:
@@ -374,15 +391,15 @@ def _first_column(hit: jax.Array) -> jax.Array:
     return jnp.minimum(first, width - 1)
 
 
-def _batch_hard_sparse(d, batch, margin, points, valid):
+def _batch_hard_sparse(d, batch, margin, distance_to, valid):
     """Batch-hard whose gradient reaches only the two chosen columns of each anchor.
 
     The mining runs on the dense ``d`` as constants; the value is the dense one. Its gradient
     is that of ``d(x_a, x_p) - d(x_a, x_n)`` for the hardest positive and negative, recomputed
-    from the gathered points (``[b, D]`` work), so no ``[b, W]`` gradient or product is formed:
-    the Gram matrix's backward is skipped. At exact ties the gradient goes to the first
-    hardest column (as pytorch-metric-learning's ``BatchHardMiner``'s index), where autodiff
-    of a max would split it among the tied columns: both are subgradients.
+    by ``distance_to`` from the gathered points (``[b, D]`` work), so no ``[b, W]`` gradient or
+    product is formed: the Gram matrix's backward is skipped. At exact ties the gradient goes
+    to the first hardest column (as pytorch-metric-learning's ``BatchHardMiner``'s index),
+    where autodiff of a max would split it among the tied columns: both are subgradients.
     """
     const = jax.lax.stop_gradient(d)
     pos_d = jnp.where(batch.pos, const, -jnp.inf)
@@ -393,14 +410,6 @@ def _batch_hard_sparse(d, batch, margin, points, valid):
     active = valid & (terms > 0)  # relu'(0) = 0, as jax.nn.relu
     p = _first_column(pos_d == hardest_pos[:, None])
     n = _first_column(neg_d == hardest_neg[:, None])
-
-    row_sq = jnp.sum(batch.rows * batch.rows, axis=1)
-
-    def distance_to(index):  # Gram form, as the dense d: its gradient is the same
-        other = points[index]
-        sq = row_sq + jnp.sum(other * other, axis=1) - 2.0 * jnp.sum(batch.rows * other, axis=1)
-        return distances.safe_sqrt(jnp.maximum(sq, 0.0))
-
     moving = distance_to(p) - distance_to(n)  # value ~0 after the subtraction below
     gradient_only = jnp.where(active, moving - jax.lax.stop_gradient(moving), 0.0)
     total = _batch.masked_sum(jnp.maximum(terms, 0.0), valid) + jnp.sum(gradient_only)
@@ -417,7 +426,7 @@ def triplet_from_distances(
     margin: float,
     mining: str,
     axis_name: str | None,
-    points: jax.Array | None = None,
+    distance_to: DistanceTo | None = None,
     symmetric: bool = False,
 ) -> jax.Array:
     """The triplet loss from distances ``d`` ``[b, M]`` and the view's ``pos``/``neg``
@@ -427,12 +436,12 @@ def triplet_from_distances(
 
     Exact for any column order; the ``"all"`` and ``"semi_hard"`` miners are fastest when
     each row's positive columns are close together (``pair_batch(sort_by_label=True)``).
-    ``points`` ``[M, D]``: the points behind ``d``'s columns (``d[a, j]`` the Euclidean
-    distance of ``batch.rows[a]`` to ``points[j]``); given, ``"batch_hard"`` differentiates
-    only the chosen pairs (see :func:`_batch_hard_sparse`).
+    ``distance_to``: ``index [b] -> d[a, index[a]]`` ``[b]`` recomputed from the points behind
+    those columns, with the dense ``d``'s gradient (e.g. :func:`gathered_distances`); given,
+    ``"batch_hard"`` differentiates only the chosen pairs (see :func:`_batch_hard_sparse`).
     """
     if mining == "batch_hard":
-        total, count = _batch_hard(d, batch, margin, points)
+        total, count = _batch_hard(d, batch, margin, distance_to)
     else:
         total, count = MINERS[mining](d, batch, margin, symmetric)
     return _batch.global_mean(total, count, axis_name)
@@ -497,5 +506,6 @@ def triplet_loss(
         points = jnp.concatenate([points, batch.memory])
     return triplet_from_distances(
         _batch.distances_of(batch, axis_name, symmetric=symmetric), batch, margin=margin,
-        mining=mining, axis_name=axis_name, points=points, symmetric=symmetric,
+        mining=mining, axis_name=axis_name,
+        distance_to=gathered_distances(batch.rows, points), symmetric=symmetric,
     )
