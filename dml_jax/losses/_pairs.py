@@ -226,36 +226,76 @@ def select(choice: jax.Array, options: list) -> jax.Array:
     return out
 
 
+# Each point's (u, v) in the basis (1, c1, c2) of its pair's reflection coefficients
+# c1 = 2 a.p / |a|^2 and c2 = 2 a.p / |p|^2 (as `coefficients`): s1 = c1 a - p, s2 = -a + c2 p.
+_BASIS = {
+    "a": ((1.0, 0.0, 0.0), (0.0, 0.0, 0.0)),
+    "p": ((0.0, 0.0, 0.0), (1.0, 0.0, 0.0)),
+    "s1": ((0.0, 1.0, 0.0), (-1.0, 0.0, 0.0)),
+    "s2": ((-1.0, 0.0, 0.0), (0.0, 0.0, 1.0)),
+}
+
+
+def _in_basis(k, c1, c2):
+    """``k0 + k1 c1 + k2 c2`` (``k`` Python floats or arrays), skipping the terms whose weight
+    is the Python float 0: a Python float or an array."""
+    terms = [k[0]] if _nonzero(k[0]) else []
+    terms += [weight * c for weight, c in ((k[1], c1), (k[2], c2)) if _nonzero(weight)]
+    return functools.reduce(lambda x, y: x + y, terms) if terms else 0.0
+
+
+def _nonzero(weight) -> bool:
+    return not (isinstance(weight, float) and weight == 0.0)
+
+
+def _select_constant(choice: jax.Array, options: list[float]):
+    """:func:`select` of Python floats; the float itself when all options are equal."""
+    return options[0] if len(set(options)) == 1 else select(choice, options)
+
+
 def max_pair_logits(layout: PairLayout, combos, *, degree: float | None = None) -> jax.Array:
     """The element-wise max over ``combos`` (pairs of :data:`POINTS`) of the logit matrices
     ``X_i . Y_j`` (``degree=None``: N-pair) or of :func:`angular_logits` ``(X, Y)``.
 
     Every combination is one bilinear form of the layout's four blocks,
     ``U_i u_j aa + U_i v_j ap + V_i u_j pa + V_i v_j pp`` (``X = U a + V p`` per row, ``Y = u a +
-    v p`` per column; angular: ``X + Y`` on the row side). The maximising combination is
-    chosen on constants (the first one on ties) and only its form is differentiated: per-entry
-    coefficients by selection, so the gradient costs a few ``[n, N]`` passes whatever the
-    number of combinations (differentiating the max of all of them costs a row and a column
-    reduction per combination and coefficient). Float32 ``[n, N]``.
+    v p`` per column; angular: ``X + Y`` on the row side), whose coefficients are constants
+    plus multiples of each pair's two reflection coefficients ``c1``, ``c2``. The maximising
+    combination is chosen on constants (the first one on ties); per entry its constants are
+    selected, and only ``c1``, ``c2`` and the blocks are differentiated: the gradient is a few
+    ``[n, N]`` passes and four reductions whatever the number of combinations (differentiating
+    each combination's coefficients costs a reduction per combination). Float32 ``[n, N]``.
     """
-    forms = []  # (U [n, 1], V [n, 1], u [1, N], v [1, N]) per combination (or scalars)
+    rows = [reflection_coefficient(layout.row_dots[1], layout.row_dots[0]),
+            reflection_coefficient(layout.row_dots[1], layout.row_dots[2])]
+    cols = [reflection_coefficient(layout.col_dots[1], layout.col_dots[0]),
+            reflection_coefficient(layout.col_dots[1], layout.col_dots[2])]
+    rows, cols = [_as_row(c) for c in rows], [_as_col(c) for c in cols]
+    forms = []  # (U, V, u, v) per combination, each a triple in the basis (1, c1, c2)
     for x, y in combos:
-        ux, vx = coefficients(layout.row_dots, x)
+        big_u, big_v = _BASIS[x]
         if degree is not None:  # (X_i + Y_i) . Y_j
-            uy_row, vy_row = coefficients(layout.row_dots, y)
-            ux, vx = ux + uy_row, vx + vy_row
-        uy, vy = coefficients(layout.col_dots, y)
-        forms.append((_as_row(ux), _as_row(vx), _as_col(uy), _as_col(vy)))
+            big_u = tuple(a + b for a, b in zip(big_u, _BASIS[y][0], strict=True))
+            big_v = tuple(a + b for a, b in zip(big_v, _BASIS[y][1], strict=True))
+        forms.append((big_u, big_v, *_BASIS[y]))
+    sides = (rows, rows, cols, cols)
 
     def bilinear(big_u, big_v, u, v, blocks):
         aa, ap, pa, pp = blocks
         return big_u * u * aa + big_u * v * ap + big_v * u * pa + big_v * v * pp
 
     blocks = (layout.aa, layout.ap, layout.pa, layout.pp)
-    const_forms, const_blocks = jax.lax.stop_gradient((forms, blocks))
-    values = [bilinear(*f, const_blocks) for f in const_forms]
+    const_sides, const_blocks = jax.lax.stop_gradient((sides, blocks))
+    values = [
+        bilinear(*[_in_basis(k, *c) for k, c in zip(f, const_sides, strict=True)], const_blocks)
+        for f in forms
+    ]
     choice = first_of(values, functools.reduce(jnp.maximum, values))
-    picked = [select(choice, [f[k] for f in forms]) for k in range(4)]
+    picked = [  # the chosen combination's constants per entry, then the differentiable c1, c2
+        _in_basis(tuple(_select_constant(choice, [f[slot][t] for f in forms])
+                        for t in range(3)), *c)
+        for slot, c in enumerate(sides)
+    ]
     logits = bilinear(*picked, blocks)
     if degree is None:
         return logits
