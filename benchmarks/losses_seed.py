@@ -35,6 +35,8 @@ SEED_LOSSES = {
     "symm_triplet_all": lambda e, y: synthesis.symmetric_triplet_loss(e, y),
     "symm_triplet_semi_hard": lambda e, y: synthesis.symmetric_triplet_loss(
         e, y, mining="semi_hard"),
+    "symm_triplet_batch_hard": lambda e, y: synthesis.symmetric_triplet_loss(
+        e, y, mining="batch_hard"),
     "symm_lifted": lambda e, y: synthesis.symmetric_lifted_structure_loss(e, y),
     "symm_contrastive": lambda e, y: synthesis.symmetric_contrastive_loss(e, y),
     "symm_multi_similarity": lambda e, y: synthesis.symmetric_multi_similarity_loss(e, y),

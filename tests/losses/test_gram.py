@@ -252,6 +252,14 @@ def test_symmetric_view_neg_count_is_the_mask_sum():
     view = symmetric.symmetric_view(x, labels, where=where)
     np.testing.assert_array_equal(view.neg_count, np.sum(np.asarray(view.neg), axis=1))
     assert float(jnp.min(view.neg_count)) == 0 and float(jnp.max(view.neg_count)) > 0
+    # One mined column per negative pair, in the column of the point it was made from, and
+    # marked synthetic exactly when the choice is x'_k or x'_l.
+    neg, synthetic, choice = (np.asarray(a) for a in (view.neg, view.synthetic, view.choice))
+    pair_neg = neg[:, 0::2] | neg[:, 1::2]
+    assert not np.any(neg[:, 0::2] & neg[:, 1::2]) and not np.any(synthetic & ~neg)
+    np.testing.assert_array_equal(neg[:, 1::2], pair_neg & (choice % 2 == 1))
+    np.testing.assert_array_equal(synthetic[:, 0::2] | synthetic[:, 1::2], pair_neg & (choice >= 2))
+    assert np.any(pair_neg & (choice >= 2)) and np.any(pair_neg & (choice < 2))
 
 
 @pytest.mark.parametrize("scale", [10.0, 100.0])  # bound 15 (fixed shift) and 150 (row maxima)
