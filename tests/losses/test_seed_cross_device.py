@@ -22,10 +22,11 @@ from dml_jax import losses
 from tests.losses.cases import SEED, SEED_PAIRS, centers_for
 
 # One case per code path (compile time): center_loss runs inside center_structured, the
-# other symmetric wrappers share symmetric_view with symm_lifted / symm_osm_caa.
+# other symmetric wrappers share symmetric_view with symm_lifted / symm_osm_caa (batch-hard:
+# its sparse gradient rebuilds the mined points from the gathered columns).
 NAMES = {"osm_caa_logits_official", "ranked_list_official", "center_structured",
          "demal_hybrid", "npair", "angular", "symm_npair", "symm_angular_original",
-         "symm_triplet_semi_hard", "symm_lifted", "symm_osm_caa"}
+         "symm_triplet_semi_hard", "symm_triplet_batch_hard", "symm_lifted", "symm_osm_caa"}
 n = jax.device_count()
 assert n == 8, n
 mesh = Mesh(np.array(jax.devices()), ("d",))
@@ -75,7 +76,7 @@ def test_seed_losses_axis_name_contract_on_eight_devices():
     stdout = run_with_devices(CODE, num_devices=8)
     report = json.loads(stdout.split("REPORT", 1)[1])
     assert report.pop("update_centers") <= 1e-6
-    assert len(report) == 11, sorted(report)
+    assert len(report) == 12, sorted(report)
     for loss, modes in report.items():
         assert set(modes) == {"shard_map_replicated", "pmap", "sharded_jit"}
         for mode, (dv, dg, v, g) in modes.items():
