@@ -61,6 +61,8 @@ BUCKET_SIZES = (128, 512)
 # Thresholds compared per fused reduction in `_count_below` (XLA's CPU reductions over a
 # short minor axis of booleans vectorise; wider ones, or float sums, are many times slower).
 _COMPARE_CHUNK = 32
+# Columns per chunk when the slotted miners reduce over an anchor's columns (see `_per_slot`).
+_COLUMN_CHUNK = 32
 
 
 def _searchsorted_rows(sorted_rows: jax.Array, queries: jax.Array, side: str) -> jax.Array:
@@ -111,15 +113,40 @@ def _pack_positives(d, batch, start, slots):
     return jnp.take_along_axis(d, cols, axis=1), filled, cols
 
 
+def _column_chunks(x: jax.Array, fill: float) -> jax.Array:
+    """``x`` ``[b, W]`` as ``[b, W / c, c]`` chunks of ``c = _COLUMN_CHUNK`` columns (padded
+    with ``fill``; one chunk when ``W`` is smaller)."""
+    rows, width = x.shape
+    size = min(_COLUMN_CHUNK, width)
+    pad = -width % size
+    if pad:
+        x = jnp.pad(x, ((0, 0), (0, pad)), constant_values=fill)
+    return x.reshape(rows, -1, size)
+
+
+def _per_slot(op, compare, thresholds, chunks):
+    """``op`` (``"sum"`` counts, ``"min"``) over the columns of each slot's ``[b, W]`` row,
+    ``[b, S]``: ``compare(thresholds [b, S, 1, 1], chunks [b, 1, W / c, c])`` gives the
+    ``[b, S, W / c, c]`` terms, reduced over the chunk (a short minor axis) and then over the
+    chunks, in int32: XLA's CPU backend fuses and vectorises these two integer reductions,
+    where one over the whole ``[b, S, W]``, or any float min, made it materialise the terms
+    (10-20 times slower). ``"min"`` takes non-negative floats (or ``+inf``), whose bit
+    patterns order as int32 as the floats do."""
+    terms = compare(thresholds[:, :, None, None], chunks[:, None])
+    if op == "sum":
+        return jnp.sum(jnp.sum(terms, axis=3, dtype=jnp.int32), axis=2).astype(jnp.float32)
+    bits = jax.lax.bitcast_convert_type(terms, jnp.int32)
+    return jax.lax.bitcast_convert_type(jnp.min(jnp.min(bits, axis=3), axis=2), jnp.float32)
+
+
 def _all_slotted(d, batch, start, margin, slots, symmetric=False):
     d_ap, filled, cols = _pack_positives(d, batch, start, slots)
     threshold = jnp.where(filled, d_ap + margin, -jnp.inf)  # an empty slot is never active
     neg_d = jnp.where(batch.neg, d, jnp.inf)  # a non-negative never is
-    # The [b, S, B] comparisons twice, in two shapes (one reduction each), so that XLA fuses
-    # each into its reduction instead of materialising the [b, S, B] tensor for both.
-    per_positive = jnp.sum(  # [b, S]
-        threshold[:, :, None] > neg_d[:, None, :], axis=2, dtype=jnp.float32
+    per_positive = _per_slot(  # [b, S]: each positive's active negatives
+        "sum", jnp.greater, threshold, _column_chunks(neg_d, jnp.inf)
     )
+
     def count_negative(thresholds):  # [b, B]: the S slots unrolled
         return functools.reduce(jnp.add, [(t > neg_d).astype(jnp.float32) for t in thresholds])
 
@@ -158,8 +185,12 @@ def _semi_hard_terms(d, batch, d_ap, filled, pos_cols, neg_cols, margin):
 
 def _semi_hard_slotted(d, batch, start, margin, slots, symmetric=False):
     d_ap, filled, cols = _pack_positives(d, batch, start, slots)
-    harder = batch.neg[:, None, :] & (d[:, None, :] > d_ap[:, :, None])  # [b, S, B]
-    closest = jnp.min(jnp.where(harder, d[:, None, :], jnp.inf), axis=2)  # [b, S]
+    neg_d = jnp.where(batch.neg, d, -jnp.inf)  # a non-negative is never harder
+    chunks = _column_chunks(neg_d, -jnp.inf)
+    closest = _per_slot(  # [b, S]: the closest negative farther than each positive (> 0,
+        # as d_ap >= 0: distances, so a valid "min" of _per_slot)
+        "min", lambda t, x: jnp.where(x > t, x, jnp.inf), d_ap, chunks
+    )
     found = jnp.isfinite(closest)
     farthest = jnp.max(jnp.where(batch.neg, d, -jnp.inf), axis=1)  # [b]
     d_an = jnp.where(found, closest, farthest[:, None])
@@ -167,16 +198,31 @@ def _semi_hard_slotted(d, batch, start, margin, slots, symmetric=False):
     active = filled & has_neg & (d_ap - d_an + margin > 0)  # [b, S]
     # Mark the chosen negative's column by value (plain min/max reductions are much faster on
     # CPU than argmin); exactly tied negatives share the coefficient, the value is unchanged.
-    hit_close = harder & (d[:, None, :] == closest[:, :, None])  # [b, S, B]
-    hit_far = batch.neg & (d == farthest[:, None])  # [b, B]
-    w_close = jnp.where(active & found, 1.0, 0.0) / jnp.maximum(jnp.sum(hit_close, axis=2), 1)
-    w_far = jnp.sum(jnp.where(active & ~found, 1.0, 0.0), axis=1) / jnp.maximum(
-        jnp.sum(hit_far, axis=1), 1
-    )
-    neg_coef = jnp.sum(w_close[:, :, None] * hit_close, axis=1) + w_far[:, None] * hit_far
+    # A negative at a found `closest` (finite, above d_ap) is harder than that positive.
+    ties = _per_slot("sum", jnp.equal, closest, chunks)  # [b, S]
+    far_ties = _per_slot(  # [b, 1]: the negatives at the farthest distance
+        "sum", jnp.equal, farthest[:, None], chunks
+    )[:, 0]
+    w_close = jnp.where(active & found, 1.0, 0.0) / jnp.maximum(ties, 1.0)
+    w_far = jnp.sum(jnp.where(active & ~found, 1.0, 0.0), axis=1) / jnp.maximum(far_ties, 1)
+
+    def negative_coef(closest, w_close, farthest, w_far):  # [b, B]: the S slots unrolled
+        return functools.reduce(jnp.add, [
+            jnp.where(neg_d == c, w, 0.0) for c, w in zip(closest, w_close, strict=True)
+        ]) + jnp.where(batch.neg & (d == farthest), w_far, 0.0)
+
     active = active.astype(jnp.float32)
-    coef = _scatter_rows(active, cols, d.shape[1]) - neg_coef
-    return _symmetrised(coef) if symmetric else coef, jnp.sum(active)
+    coef = _scatter_rows(active, cols, d.shape[1]) - negative_coef(
+        [closest[:, k:k + 1] for k in range(slots)], [w_close[:, k:k + 1] for k in range(slots)],
+        farthest[:, None], w_far[:, None],
+    )
+    if symmetric:  # (C + C^T) / 2 without a transpose, as in `_all_slotted`: C^T's entry
+        # (a, n) is C's (n, a), the same neg_d[a, n] against column n's slots, [1, B]
+        coef = 0.5 * (coef + _scatter_cols(active, cols, d.shape[1]) - negative_coef(
+            [closest[None, :, k] for k in range(slots)],
+            [w_close[None, :, k] for k in range(slots)], farthest[None, :], w_far[None, :],
+        ))
+    return coef, jnp.sum(active)
 
 
 def _semi_hard_sorted(d, batch, margin):
