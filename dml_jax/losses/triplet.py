@@ -14,7 +14,9 @@ Mining is cheap in class-balanced batches, where an anchor has few positives: th
 ordered by label (one ``[B]`` argsort), which makes each anchor's positives a contiguous run,
 gathered into ``S`` static slots (``S`` = 2, 8 or 32, whichever holds every anchor's span of
 positive columns, i.e. the batch's largest class);
-the terms are then decided against every negative in ``O(b S B)`` work. A batch with a class of
+the terms are then decided against every negative in ``O(b S B)`` work, reduced per slot over
+32-column chunks in int32 (:func:`_per_slot`: on XLA's CPU backend a reduction over the whole
+row materialised the ``[b, S, B]`` terms). A batch with a class of
 more than 32 rows takes a sort-based path instead (each anchor's negative distances sorted once,
 then binary searches: ``O(B^2 log B)`` work, ``O(B^2)`` memory). XLA's CPU sort of a
 ``1024 x 1024`` array costs several times the loss's matmuls, hence the slots.

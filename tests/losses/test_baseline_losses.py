@@ -144,9 +144,10 @@ def test_vmap_and_jit_equal_python_loop(case):
 
 
 @pytest.mark.parametrize("mining", ["all", "semi_hard"])
-@pytest.mark.parametrize("class_size", [3, 8, 9, 20, 33, 40])
+@pytest.mark.parametrize("class_size", [3, 8, 9, 20, 27, 33, 40])
 def test_triplet_every_positive_set_size_matches_reference(mining, class_size):
-    """Covers each slot size and the sort-based fallback for large positive sets."""
+    """Covers each slot size and the sort-based fallback for large positive sets; 27 (33
+    columns) the slotted path's reductions over two 32-column chunks, one padded."""
     rng = np.random.default_rng(class_size)
     b = class_size + 6
     e = rng.normal(size=(b, 3)).astype(np.float32)
