@@ -59,7 +59,12 @@ from dml_jax.losses.osm_caa import (
     prepare_attention,
 )
 from dml_jax.losses.pair import contrastive_from_distances
-from dml_jax.losses.triplet import MINING, DistanceTo, triplet_from_distances
+from dml_jax.losses.triplet import (
+    MINING,
+    DistanceTo,
+    distance_from_dot,
+    triplet_from_distances,
+)
 
 __all__ = [
     "POSITIVE_RULES",
@@ -258,8 +263,7 @@ def _mined_distances(view: SymmetricView) -> DistanceTo:
         own_dot = jnp.sum(rows * own, axis=1)
         synthetic = jnp.take_along_axis(view.synthetic, index[:, None], axis=1)[:, 0]
         dot = jnp.where(synthetic, coef * jnp.sum(rows * partner, axis=1) - own_dot, own_dot)
-        sq = jnp.sum(rows * rows, axis=1) + jnp.sum(own * own, axis=1) - 2.0 * dot
-        return distances.safe_sqrt(jnp.maximum(sq, 0.0))
+        return distance_from_dot(rows, own, dot)  # |x'_j| = |x_j|
 
     return distance_to
 
