@@ -254,6 +254,7 @@ def _mined_distances(view: SymmetricView) -> DistanceTo:
     partner (``[b, D]`` work) in the view's Gram form, so with the same gradient (Euclidean
     views; for :func:`~dml_jax.losses.triplet.triplet_from_distances`' sparse batch-hard)."""
     rows, cols = view.batch.rows, view.batch.cols
+    row_sq = jnp.sum(rows * rows, axis=1)
 
     def distance_to(index):
         own, partner = cols[index], cols[index ^ 1]
@@ -263,7 +264,7 @@ def _mined_distances(view: SymmetricView) -> DistanceTo:
         own_dot = jnp.sum(rows * own, axis=1)
         synthetic = jnp.take_along_axis(view.synthetic, index[:, None], axis=1)[:, 0]
         dot = jnp.where(synthetic, coef * jnp.sum(rows * partner, axis=1) - own_dot, own_dot)
-        return distance_from_dot(rows, own, dot)  # |x'_j| = |x_j|
+        return distance_from_dot(row_sq, own, dot)  # |x'_j| = |x_j|
 
     return distance_to
 

@@ -417,11 +417,11 @@ def _batch_hard(d, batch, margin, distance_to=None):
     return _batch.masked_sum(terms, valid), jnp.sum(valid, dtype=jnp.float32)
 
 
-def distance_from_dot(rows: jax.Array, others: jax.Array, dot: jax.Array) -> jax.Array:
+def distance_from_dot(row_sq: jax.Array, others: jax.Array, dot: jax.Array) -> jax.Array:
     """``|x_a - y_a|`` ``[b]`` in the Gram form of the dense distances, ``|x|^2 + |y|^2 - 2 x.y``
-    (so its gradient is theirs), from ``rows`` ``[b, D]``, points ``others`` ``[b, D]`` whose
-    norms are the ``y``'s, and ``dot = x.y`` ``[b]``."""
-    sq = jnp.sum(rows * rows, axis=1) + jnp.sum(others * others, axis=1) - 2.0 * dot
+    (so its gradient is theirs), from the rows' ``|x|^2`` ``[b]``, points ``others`` ``[b, D]``
+    whose norms are the ``y``'s, and ``dot = x.y`` ``[b]``."""
+    sq = row_sq + jnp.sum(others * others, axis=1) - 2.0 * dot
     return distances.safe_sqrt(jnp.maximum(sq, 0.0))
 
 
@@ -429,10 +429,11 @@ def gathered_distances(rows: jax.Array, points: jax.Array) -> DistanceTo:
     """The ``distance_to`` of plain columns: ``index [b] -> |rows[a] - points[index[a]]|``
     ``[b]`` (:func:`distance_from_dot`). ``rows`` ``[b, D]``, ``points`` ``[M, D]``; holds
     ``[b, D]``."""
+    row_sq = jnp.sum(rows * rows, axis=1)
 
     def distance_to(index):
         other = points[index]
-        return distance_from_dot(rows, other, jnp.sum(rows * other, axis=1))
+        return distance_from_dot(row_sq, other, jnp.sum(rows * other, axis=1))
 
     return distance_to
 

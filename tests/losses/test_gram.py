@@ -193,7 +193,7 @@ def _batch_hard_both_ways(e, y, where=None):
         batch = _batch.pair_batch(e, y, where, None)
         return triplet.triplet_from_distances(
             _batch.distances_of(batch, None), batch, margin=0.2, mining="batch_hard",
-            axis_name=None, points=batch.cols,
+            axis_name=None, distance_to=triplet.gathered_distances(batch.rows, batch.cols),
         )
 
     return jax.value_and_grad(sparse)(e), jax.value_and_grad(dense)(e)
