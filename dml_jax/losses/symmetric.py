@@ -104,11 +104,12 @@ def reflect(points: jax.typing.ArrayLike, axes: jax.typing.ArrayLike) -> jax.Arr
     return 2.0 * jnp.sum(p * unit, axis=-1, keepdims=True) * unit - p
 
 
-def partners(x: jax.Array) -> jax.Array:
-    """Each entry's pair partner along the last axis: entries ``2k`` and ``2k + 1`` of ``x``
-    ``[..., B]`` swapped (``B`` even). An index permutation XLA fuses into its consumers."""
-    shape = x.shape
-    return x.reshape(*shape[:-1], shape[-1] // 2, 2)[..., ::-1].reshape(shape)
+def partners(x: jax.Array, axis: int = -1) -> jax.Array:
+    """Each entry's pair partner along ``axis``: entries ``2k`` and ``2k + 1`` of ``x``
+    swapped (an even length). An index permutation XLA fuses into its consumers."""
+    axis = axis % x.ndim
+    pairs = x.reshape(*x.shape[:axis], x.shape[axis] // 2, 2, *x.shape[axis + 1:])
+    return jnp.flip(pairs, axis + 1).reshape(x.shape)
 
 
 class SymmetricView(NamedTuple):
@@ -178,8 +179,7 @@ def symmetric_view(
     # x_j's norm, so of the two points of column j the closer to x_i has the larger dot, and
     # of the pair's two columns the closer has the smaller |y|^2 - 2 x_i.y (x_i's norm is the
     # same for both). The choice is a constant.
-    partner_rows = cols.reshape(-1, 2, cols.shape[1])[:, ::-1].reshape(cols.shape)
-    coef = reflection_coefficient(jnp.sum(cols * partner_rows, axis=1), partners(n_cols))
+    coef = reflection_coefficient(jnp.sum(cols * partners(cols, 0), axis=1), partners(n_cols))
     synthetic = coef[None, :] * partners(g) - g  # x_i . x'_j, [b, B]
     use_synthetic = jax.lax.stop_gradient(synthetic > g)  # ties: the original point
     mined = jnp.where(use_synthetic, synthetic, g)  # the closer point of each column
