@@ -117,19 +117,26 @@ def pair_layout(
 # s1 = reflect(p about a) = (2 a.p / |a|^2) a - p, s2 = reflect(a about p) = (2 a.p / |p|^2) p - a.
 POINTS = ("a", "p", "s1", "s2")
 
+# Each point's (u, v) as triples in the basis (1, c1, c2) of its pair's reflection
+# coefficients c1 = 2 a.p / |a|^2 and c2 = 2 a.p / |p|^2: the one statement of the points'
+# formulas, read by `coefficients` (arrays) and `max_pair_logits` (constants per combination).
+_BASIS = {
+    "a": ((1.0, 0.0, 0.0), (0.0, 0.0, 0.0)),
+    "p": ((0.0, 0.0, 0.0), (1.0, 0.0, 0.0)),
+    "s1": ((0.0, 1.0, 0.0), (-1.0, 0.0, 0.0)),
+    "s2": ((-1.0, 0.0, 0.0), (0.0, 0.0, 1.0)),
+}
+
 
 def coefficients(dots: tuple[jax.Array, jax.Array, jax.Array], point: str):
-    """``(u, v)`` with ``point = u a + v p`` per pair (arrays or Python scalars)."""
+    """``(u, v)`` with ``point = u a + v p`` per pair (arrays or Python scalars), from the
+    point's row of :data:`_BASIS`."""
+    if point not in _BASIS:
+        raise ValueError(f"unknown point {point!r}; expected one of {POINTS}")
     aa, ap, pp = dots
-    if point == "a":
-        return 1.0, 0.0
-    if point == "p":
-        return 0.0, 1.0
-    if point == "s1":
-        return reflection_coefficient(ap, aa), -1.0
-    if point == "s2":
-        return -1.0, reflection_coefficient(ap, pp)
-    raise ValueError(point)
+    c1, c2 = reflection_coefficient(ap, aa), reflection_coefficient(ap, pp)
+    u, v = _BASIS[point]
+    return _in_basis(u, c1, c2), _in_basis(v, c1, c2)
 
 
 def _outer(x, y):
@@ -224,16 +231,6 @@ def select(choice: jax.Array, options: list) -> jax.Array:
     for c in range(len(options) - 2, -1, -1):
         out = jnp.where(choice == c, options[c], out)
     return out
-
-
-# Each point's (u, v) in the basis (1, c1, c2) of its pair's reflection coefficients
-# c1 = 2 a.p / |a|^2 and c2 = 2 a.p / |p|^2 (as `coefficients`): s1 = c1 a - p, s2 = -a + c2 p.
-_BASIS = {
-    "a": ((1.0, 0.0, 0.0), (0.0, 0.0, 0.0)),
-    "p": ((0.0, 0.0, 0.0), (1.0, 0.0, 0.0)),
-    "s1": ((0.0, 1.0, 0.0), (-1.0, 0.0, 0.0)),
-    "s2": ((-1.0, 0.0, 0.0), (0.0, 0.0, 1.0)),
-}
 
 
 def _in_basis(k, c1, c2):
