@@ -34,8 +34,15 @@ def l2_normalize(x: jax.typing.ArrayLike, axis: int = -1, eps: float = 1e-12) ->
       float32 array of ``x``'s shape.
     """
     x = _f32(x)
-    sq = jnp.sum(x * x, axis=axis, keepdims=True)
-    return x * jax.lax.rsqrt(jnp.maximum(sq, eps * eps))
+    return x * _inverse_norms(x, axis, eps, keepdims=True)
+
+
+def _inverse_norms(
+    x: jax.Array, axis: int = -1, eps: float = 1e-12, *, keepdims: bool = False
+) -> jax.Array:
+    """``1 / max(||x||, eps)`` along ``axis``, float32 (a zero vector scales to zero)."""
+    sq = jnp.sum(x * x, axis=axis, keepdims=keepdims)
+    return jax.lax.rsqrt(jnp.maximum(sq, eps * eps))
 
 
 def dot_products(x: jax.typing.ArrayLike, y: jax.typing.ArrayLike | None = None) -> jax.Array:
@@ -91,16 +98,22 @@ def cosine_similarity(
 ) -> jax.Array:
     """Cosine similarities ``x_i.y_j / (||x_i|| ||y_j||)``; 0 for a zero vector.
 
+    The value and gradient are those of ``l2_normalize(x) @ l2_normalize(y).T`` (norms below
+    1e-12 count as 1e-12), computed without normalised copies: the product of the raw rows
+    is scaled by the inverse norms, so the backward pass is the two products of the scaled
+    cotangent plus a per-row correction (no ``[N, D]`` / ``[M, D]`` temporaries beside the
+    gradients).
+
     Args:
       x: ``[N, D]``.
       y: ``[M, D]``; ``x`` when None.
 
     Returns:
-      float32 ``[N, M]`` in ``[-1, 1]``.
+      float32 ``[N, M]`` in ``[-1, 1]`` (up to rounding).
     """
-    xn = l2_normalize(x)
-    yn = xn if y is None else l2_normalize(y)
-    return dot_products(xn, yn)
+    x = _f32(x)
+    y = x if y is None else _f32(y)
+    return dot_products(x, y) * _inverse_norms(x)[:, None] * _inverse_norms(y)[None, :]
 
 
 def same_label_mask(

@@ -36,20 +36,42 @@ def check_logits(logits: jax.typing.ArrayLike, labels: jax.Array,
 def true_class_log_probability(logits: jax.Array, labels: jax.Array) -> jax.Array:
     """``log softmax(logits_i)[y_i]``, float32 ``[B]``; ``-inf``-free: a label outside
     ``[0, C)`` gives ``_batch.NEG_LARGE`` (probability 0)."""
-    log_p = jax.nn.log_softmax(logits, axis=-1)
+    picked, in_range = _true_class_logit(logits, labels)
+    return jnp.where(in_range, -_negative_log_softmax(logits, picked), _batch.NEG_LARGE)
+
+
+def _true_class_logit(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(logits[i, y_i], y_i in [0, C))``, ``[B]`` each (0 for a label outside)."""
     one_hot = labels[:, None] == jnp.arange(logits.shape[1])[None, :]
-    in_range = jnp.any(one_hot, axis=1)
-    picked = jnp.sum(jnp.where(one_hot, log_p, 0.0), axis=1)
-    return jnp.where(in_range, picked, _batch.NEG_LARGE)
+    return jnp.sum(jnp.where(one_hot, logits, 0.0), axis=1), jnp.any(one_hot, axis=1)
+
+
+def _negative_log_softmax(logits: jax.Array, true_logit: jax.Array) -> jax.Array:
+    """``logsumexp(logits_i) - true_logit_i``, float32 ``[B]``, computed as ``log sum_c
+    exp(z_ic - m_i) - (t_i - m_i)`` with ``m_i`` the row's max (as ``log_softmax``: exact 0
+    for a saturated row), without a ``[B, C]`` log-probability array."""
+    top = jax.lax.stop_gradient(jnp.max(logits, axis=1))
+    return jnp.log(jnp.sum(jnp.exp(logits - top[:, None]), axis=1)) - (true_logit - top)
 
 
 def cross_entropy(
-    logits: jax.Array, labels: jax.Array, row_valid: jax.Array, axis_name: str | None
+    logits: jax.Array,
+    labels: jax.Array,
+    row_valid: jax.Array,
+    axis_name: str | None,
+    *,
+    true_logit: jax.Array | None = None,
 ) -> jax.Array:
     """Mean over the valid rows of the global batch of ``-log softmax(logits_i)[y_i]``.
+
+    ``true_logit`` ``[b]``: ``logits[i, y_i]`` when the caller has it (saves a ``[b, C]``
+    pass); it must equal that entry (one of the row's logits), or the max shift is wrong.
 
     A label outside ``[0, C)`` is a caller error; such a row contributes ``-NEG_LARGE``-sized
     terms, so the caller must mask it with ``where``.
     """
-    nll = -true_class_log_probability(logits, labels)
+    if true_logit is None:
+        picked, in_range = _true_class_logit(logits, labels)
+        true_logit = jnp.where(in_range, picked, _batch.NEG_LARGE)
+    nll = _negative_log_softmax(logits, true_logit)
     return _batch.global_mean(_batch.masked_sum(nll, row_valid), jnp.sum(row_valid), axis_name)

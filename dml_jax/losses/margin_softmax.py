@@ -18,12 +18,16 @@ from dml_jax import _checks, distances
 from dml_jax.losses import _class_batch, _classify
 
 
-def _margin_logits(batch: _class_batch.ClassBatch, target_fn) -> jax.Array:
-    """Cosines ``[b, C]`` with the true class's replaced by ``target_fn(cos of true class)``."""
+def _margin_cross_entropy(batch: _class_batch.ClassBatch, target_fn, scale: float,
+                          axis_name: str | None) -> jax.Array:
+    """The cross-entropy of ``scale * cos`` ``[b, C]`` with the true class's cosine replaced by
+    ``target_fn(cos of the true class)``."""
     cos = distances.cosine_similarity(batch.rows, batch.params)
     same = _class_batch.one_hot(batch.labels, cos.shape[1])
-    target = jnp.sum(jnp.where(same, cos, 0.0), axis=1)
-    return jnp.where(same, target_fn(target)[:, None], cos)
+    target = scale * target_fn(jnp.sum(jnp.where(same, cos, 0.0), axis=1))
+    logits = jnp.where(same, target[:, None], scale * cos)
+    return _classify.cross_entropy(logits, batch.labels, batch.valid, axis_name,
+                                   true_logit=target)
 
 
 def _arc_target(cos: jax.Array, margin_rad: jax.Array) -> jax.Array:
@@ -89,8 +93,7 @@ def arcface_loss(
     """
     batch = _class_batch.class_batch(embeddings, labels, weights, "weights", where)
     margin_rad = jnp.asarray(margin, jnp.float32) * (math.pi / 180.0)
-    cos = _margin_logits(batch, lambda c: _arc_target(c, margin_rad))
-    return _classify.cross_entropy(scale * cos, batch.labels, batch.valid, axis_name)
+    return _margin_cross_entropy(batch, lambda c: _arc_target(c, margin_rad), scale, axis_name)
 
 
 @functools.partial(jax.jit, static_argnames=("axis_name",))
@@ -132,5 +135,4 @@ def cosface_loss(
       Face Recognition", CVPR 2018.
     """
     batch = _class_batch.class_batch(embeddings, labels, weights, "weights", where)
-    cos = _margin_logits(batch, lambda c: c - margin)
-    return _classify.cross_entropy(scale * cos, batch.labels, batch.valid, axis_name)
+    return _margin_cross_entropy(batch, lambda c: c - margin, scale, axis_name)

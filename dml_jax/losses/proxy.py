@@ -120,14 +120,13 @@ def proxy_nca_loss(
       Proxies", ICCV 2017.
     """
     batch = _class_batch.class_batch(embeddings, labels, proxies, "proxies", where)
-    rows = distances.l2_normalize(batch.rows)
-    params = distances.l2_normalize(batch.params)
-    # -t d_ic = -t |r_i|^2 - t |p_c|^2 + 2t r_i.p_c; the first term is the same for every
-    # class of row i, and a softmax does not see a per-row constant: it is left out, which
-    # saves a [b, D] pass and its gradient.
-    logits = (2.0 * softmax_scale) * distances.dot_products(rows, params) - softmax_scale * (
-        jnp.sum(params * params, axis=1)[None, :]
-    )
+    # -t d_ic = -t |r_i|^2 - t |p_c|^2 + 2t r_i.p_c on the normalised rows and proxies; the
+    # first term is the same for every class of row i, and a softmax does not see a per-row
+    # constant: it is left out, which saves a [b, D] pass and its gradient.
+    unit_sq = jnp.sum(jnp.square(distances.l2_normalize(batch.params)), axis=1)  # [C]
+    logits = (2.0 * softmax_scale) * distances.cosine_similarity(
+        batch.rows, batch.params
+    ) - softmax_scale * unit_sq[None, :]
     return _classify.cross_entropy(logits, batch.labels, batch.valid, axis_name)
 
 

@@ -292,3 +292,32 @@ def test_a_row_whose_terms_all_underflow_under_the_fixed_shift_counts_as_empty()
     g = jax.grad(lambda v: jnp.sum(_batch.softplus_of_lse(
         _batch.masked_logsumexp(v, jnp.ones((2, 2), bool), bound=0.0))))(values)
     assert np.all(np.isfinite(g)) and np.all(np.asarray(g)[0] == 0)
+
+
+@pytest.mark.parametrize("same", [False, True], ids=["x_y", "x_x"])
+def test_cosine_similarity_equals_the_normalised_product(same):
+    """The folded cosine (raw product scaled by inverse norms) has the value and gradient of
+    ``l2_normalize(x) @ l2_normalize(y).T``, with a zero row and a row below the norm floor."""
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(9, 5)).astype(np.float32) * rng.uniform(0.1, 3.0, size=(9, 1))
+    x[2], x[5] = 0.0, 1e-14
+    y = x if same else rng.normal(size=(6, 5)).astype(np.float32)
+    if not same:
+        y[4] = 0.0
+    w = rng.normal(size=(9, 9 if same else 6)).astype(np.float32)
+
+    def plain(x, y):
+        return distances.dot_products(distances.l2_normalize(x), distances.l2_normalize(y))
+
+    def folded(x, y):
+        return distances.cosine_similarity(x, None if same else y)
+
+    assert np.all(np.isfinite(np.asarray(folded(x, y))))
+    np.testing.assert_allclose(folded(x, y), plain(x, y), rtol=1e-6, atol=1e-6)
+    loss_folded = jax.grad(lambda x, y: jnp.sum(w * folded(x, y)), argnums=(0, 1))
+    loss_plain = jax.grad(lambda x, y: jnp.sum(w * (plain(x, x) if same else plain(x, y))),
+                          argnums=(0, 1))
+    for got, want in zip(loss_folded(x, y), loss_plain(x, y), strict=True):
+        assert np.all(np.isfinite(np.asarray(got)))
+        scale = np.abs(np.asarray(want)).max()
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * scale)
