@@ -193,8 +193,23 @@ def soft_triple_loss(
     )
     num = params.shape[0] // centers_per_class
     valid = valid & (labels_ < num)
-    s = distances.cosine_similarity(rows, params).reshape(-1, num, centers_per_class)
-    weights = jax.nn.softmax(s / gamma, axis=2)
-    logits = jnp.sum(weights * s, axis=2)
+    # The centers reordered k-major (row k*C + c): a class's K similarities are then the same
+    # entry of K [b, C] slices, and the softmax over them is element-wise (as a reduction over
+    # a minor axis of length K, XLA's CPU backend materialised broadcasts of [b, C, K]).
+    by_center = params.reshape(num, centers_per_class, -1).swapaxes(0, 1).reshape(
+        params.shape
+    )
+    s = distances.cosine_similarity(rows, by_center)
+    # split (whose gradient is one concatenate), not K slices (K padded adds)
+    logits = _softmax_weighted_mean(jnp.split(s, centers_per_class, axis=1), 1.0 / gamma)
     logits = la * (logits - margin * _class_batch.one_hot(labels_, num))
     return _classify.cross_entropy(logits, labels_, valid, axis_name)
+
+
+def _softmax_weighted_mean(values: list[jax.Array], scale: float) -> jax.Array:
+    """``sum_k softmax_k(scale * v_k) v_k`` over the list of same-shaped arrays ``v_k``,
+    element-wise (the softmax shifted by the element-wise max, which takes no gradient)."""
+    top = jax.lax.stop_gradient(functools.reduce(jnp.maximum, values))
+    weights = [jnp.exp(scale * (v - top)) for v in values]
+    total = functools.reduce(jnp.add, weights)
+    return functools.reduce(jnp.add, [w * v for w, v in zip(weights, values, strict=True)]) / total
