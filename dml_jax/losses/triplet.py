@@ -80,11 +80,21 @@ def _scatter_rows(values: jax.Array, cols: jax.Array, width: int) -> jax.Array:
     return jnp.zeros((values.shape[0], width), jnp.float32).at[rows, cols].add(values)
 
 
-def _scatter_cols(values: jax.Array, cols: jax.Array, height: int) -> jax.Array:
-    """The transpose of :func:`_scatter_rows`: ``out[cols[a, s], a] += values[a, s]``,
-    ``[b, S]`` -> ``[height, b]``."""
-    rows = jnp.arange(values.shape[0])[:, None]
-    return jnp.zeros((height, values.shape[0]), jnp.float32).at[cols, rows].add(values)
+def _slot_columns(values: jax.Array, start: jax.Array, width: int, *,
+                  transposed: bool = False) -> jax.Array:
+    """:func:`_scatter_rows` for the contiguous slots ``cols[a, s] = start[a] + s`` (slots
+    past the last column must hold 0), as ``S`` element-wise selects that fuse into the
+    caller's ``[b, B]`` pass (no zeroed ``[b, B]`` buffer, no scatter): ``out[a, n] =
+    values[a, n - start[a]]``. ``transposed``: the transpose, ``[B, b]`` with
+    ``out[n, a] = values[a, n - start[a]]`` (``b == B``)."""
+    columns = jnp.arange(width, dtype=jnp.int32)
+    if transposed:
+        offset = columns[:, None] - start[None, :]
+        picks = [values[None, :, s] for s in range(values.shape[1])]
+    else:
+        offset = columns[None, :] - start[:, None]
+        picks = [values[:, s:s + 1] for s in range(values.shape[1])]
+    return functools.reduce(jnp.add, [jnp.where(offset == s, v, 0.0) for s, v in enumerate(picks)])
 
 
 def _symmetrised(coef: jax.Array) -> jax.Array:
@@ -102,7 +112,8 @@ def _positive_span(pos: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def _pack_positives(d, batch, start, slots):
-    """Each row's positives in ``slots`` slots: ``(d_ap [b, S], filled [b, S], cols [b, S])``.
+    """Each row's positives in ``slots`` slots, columns ``start + s``: ``(d_ap [b, S], filled
+    [b, S])`` (an unfilled slot's ``d_ap`` is arbitrary).
 
     A row's positives must lie in the ``slots`` columns from ``start``, its first positive
     (true with label-sorted columns when no label has more than ``slots`` valid rows).
@@ -112,7 +123,7 @@ def _pack_positives(d, batch, start, slots):
     inside = cols < width
     cols = jnp.minimum(cols, width - 1)
     filled = inside & jnp.take_along_axis(batch.pos, cols, axis=1)
-    return jnp.take_along_axis(d, cols, axis=1), filled, cols
+    return jnp.take_along_axis(d, cols, axis=1), filled
 
 
 def _column_chunks(x: jax.Array, fill: float) -> jax.Array:
@@ -142,7 +153,7 @@ def _per_slot(op, compare, thresholds, chunks):
 
 
 def _all_slotted(d, batch, start, margin, slots, symmetric=False):
-    d_ap, filled, cols = _pack_positives(d, batch, start, slots)
+    d_ap, filled = _pack_positives(d, batch, start, slots)
     threshold = jnp.where(filled, d_ap + margin, -jnp.inf)  # an empty slot is never active
     neg_d = jnp.where(batch.neg, d, jnp.inf)  # a non-negative never is
     per_positive = _per_slot(  # [b, S]: each positive's active negatives
@@ -152,13 +163,15 @@ def _all_slotted(d, batch, start, margin, slots, symmetric=False):
     def count_negative(thresholds):  # [b, B]: the S slots unrolled
         return functools.reduce(jnp.add, [(t > neg_d).astype(jnp.float32) for t in thresholds])
 
-    coef = _scatter_rows(per_positive, cols, d.shape[1]) - count_negative(
+    coef = _slot_columns(per_positive, start, d.shape[1]) - count_negative(
         [threshold[:, s:s + 1] for s in range(slots)]  # each row's thresholds, [b, 1]
     )
     if symmetric:  # (C + C^T) / 2 without a transpose: C^T's entry (a, n) is C's (n, a), whose
         # negative count compares the same neg_d[a, n] (d and neg symmetric) with column n's
         # thresholds, [1, B]
-        coef = 0.5 * (coef + _scatter_cols(per_positive, cols, d.shape[1]) - count_negative(
+        coef = 0.5 * (coef + _slot_columns(
+            per_positive, start, d.shape[1], transposed=True
+        ) - count_negative(
             [threshold[None, :, s] for s in range(slots)]
         ))
     return coef, jnp.sum(per_positive)
@@ -186,7 +199,7 @@ def _semi_hard_terms(d, batch, d_ap, filled, pos_cols, neg_cols, margin):
 
 
 def _semi_hard_slotted(d, batch, start, margin, slots, symmetric=False):
-    d_ap, filled, cols = _pack_positives(d, batch, start, slots)
+    d_ap, filled = _pack_positives(d, batch, start, slots)
     neg_d = jnp.where(batch.neg, d, -jnp.inf)  # a non-negative is never harder
     chunks = _column_chunks(neg_d, -jnp.inf)
     closest = _per_slot(  # [b, S]: the closest negative farther than each positive (> 0,
@@ -214,13 +227,15 @@ def _semi_hard_slotted(d, batch, start, margin, slots, symmetric=False):
         ]) + jnp.where(batch.neg & (d == farthest), w_far, 0.0)
 
     active = active.astype(jnp.float32)
-    coef = _scatter_rows(active, cols, d.shape[1]) - negative_coef(
+    coef = _slot_columns(active, start, d.shape[1]) - negative_coef(
         [closest[:, k:k + 1] for k in range(slots)], [w_close[:, k:k + 1] for k in range(slots)],
         farthest[:, None], w_far[:, None],
     )
     if symmetric:  # (C + C^T) / 2 without a transpose, as in `_all_slotted`: C^T's entry
         # (a, n) is C's (n, a), the same neg_d[a, n] against column n's slots, [1, B]
-        coef = 0.5 * (coef + _scatter_cols(active, cols, d.shape[1]) - negative_coef(
+        coef = 0.5 * (coef + _slot_columns(
+            active, start, d.shape[1], transposed=True
+        ) - negative_coef(
             [closest[None, :, k] for k in range(slots)],
             [w_close[None, :, k] for k in range(slots)], farthest[None, :], w_far[None, :],
         ))
