@@ -102,13 +102,25 @@ def _symmetrised(coef: jax.Array) -> jax.Array:
     return 0.5 * (coef + coef.T)
 
 
-def _positive_span(pos: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Each row's first positive column ``[b]`` and the widest span of positive columns."""
+def _slot_choice(pos: jax.Array, pos_count: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Each row's first positive column ``start`` ``[b]`` (0 without one) and the index of the
+    smallest of :data:`SLOT_SIZES` whose window ``[start, start + S)`` holds every row's
+    positives (``len(SLOT_SIZES)`` when none does).
+
+    A window holds a row's positives iff it holds ``pos_count`` of them (``sum(pos, 1)``), so
+    one ``argmax`` and a ``[b, 32]`` gather decide, instead of the span between each row's
+    first and last positive (a second, reversed ``argmax`` over the ``[b, W]`` mask).
+    """
     width = pos.shape[1]
-    first = jnp.argmax(pos, axis=1).astype(jnp.int32)
-    last = width - 1 - jnp.argmax(pos[:, ::-1], axis=1)
-    span = jnp.where(jnp.any(pos, axis=1), last - first + 1, 0)
-    return first, jnp.max(span)
+    start = jnp.argmax(pos, axis=1).astype(jnp.int32)
+    cols = start[:, None] + jnp.arange(max(SLOT_SIZES), dtype=jnp.int32)[None, :]
+    hits = (cols < width) & jnp.take_along_axis(pos, jnp.minimum(cols, width - 1), axis=1)
+    within = jnp.pad(  # [b, 33]: column s holds the positives in [start, start + s)
+        jnp.cumsum(hits, axis=1, dtype=jnp.int32), ((0, 0), (1, 0))
+    )
+    count = pos_count.astype(jnp.int32)
+    fits = jnp.stack([jnp.all(within[:, size] == count) for size in SLOT_SIZES])
+    return start, jnp.argmax(jnp.append(fits, True)).astype(jnp.int32)
 
 
 def _pack_positives(d, batch, start, slots):
@@ -367,7 +379,7 @@ def _mined_total(d, batch, margin, slotted, fallback, bucketed=None, symmetric=F
     """``sum over active terms of (d_ap - d_an + margin) = sum(C * d) + margin * n_active``.
 
     ``C`` and ``n_active`` come from ``slotted(d, batch, start, margin, slots)`` with the
-    smallest slot count that holds every row's positive columns (from its first to its last);
+    smallest slot count whose window from each row's first positive holds all its positives;
     else, with a memory, from ``bucketed(d, batch, margin, split, slots)`` with the smallest
     of ``BUCKET_SIZES`` that holds every row's two runs of positives (batch and memory
     columns); else from ``fallback(d, batch, margin)``. The mining runs on constants: the
@@ -379,8 +391,7 @@ def _mined_total(d, batch, margin, slotted, fallback, bucketed=None, symmetric=F
     scatter); the others transpose ``C`` (one strided ``[B, B]`` pass).
     """
     const = jax.lax.stop_gradient(d)
-    start, span = _positive_span(batch.pos)
-    index = jnp.searchsorted(jnp.asarray(SLOT_SIZES), span)  # len(SLOT_SIZES) -> fallback
+    start, index = _slot_choice(batch.pos, batch.pos_count)  # len(SLOT_SIZES) -> fallback
     branches = [
         functools.partial(slotted, margin=margin, slots=s, symmetric=symmetric)
         for s in SLOT_SIZES
