@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -305,7 +306,8 @@ def _runs(pos, split):
 
 def _pack_runs(d, batch, split, slots):
     """Each row's positives, in ``slots`` slots taken from its two runs (see :func:`_runs`),
-    sorted by distance: ``(d_ap [b, S], filled [b, S], cols [b, S])`` (unfilled: ``inf``).
+    sorted by distance: ``(d_ap [b, S], filled [b, S], runs)`` (unfilled: ``inf``; ``runs``: a
+    :class:`_RunSlots`).
 
     A row's positives must lie in its two runs, and the runs' spans sum to at most ``slots``
     (true for label-sorted batch and memory columns when no label has that many positives).
@@ -318,15 +320,46 @@ def _pack_runs(d, batch, split, slots):
     cols = jnp.clip(cols, 0, width - 1)  # only the slots past both runs are clipped
     filled = (slot < (span_b + span_m)[:, None]) & jnp.take_along_axis(batch.pos, cols, axis=1)
     d_ap = jnp.where(filled, jnp.take_along_axis(d, cols, axis=1), jnp.inf)
-    d_ap, filled, cols = jax.lax.sort((d_ap, filled, cols), dimension=1, num_keys=1)
-    return d_ap, filled, cols
+    order = jnp.broadcast_to(slot, d_ap.shape)
+    d_ap, filled, order = jax.lax.sort((d_ap, filled, order), dimension=1, num_keys=1)
+    return d_ap, filled, _RunSlots(first_b, span_b, first_m, span_m, order)
+
+
+class _RunSlots(NamedTuple):
+    """Where :func:`_pack_runs`' sorted slots came from: the two runs (``[b]`` each) and each
+    sorted slot's index before the sort, ``order`` ``[b, S]`` (slot ``s`` of the runs is
+    column ``first_b + s`` for ``s < span_b``, else ``first_m + s - span_b``)."""
+
+    first_b: jax.Array
+    span_b: jax.Array
+    first_m: jax.Array
+    span_m: jax.Array
+    order: jax.Array
+
+
+def _run_columns(values: jax.Array, runs: _RunSlots, width: int) -> jax.Array:
+    """:func:`_scatter_rows` of sorted-slot ``values`` ``[b, S]`` to their columns, ``[b, W]``
+    (0 outside the runs; slots past both runs must hold 0): the values put back in run order
+    (a ``[b, S]`` scatter), then one gather per entry from its offset in its run, fused into
+    the caller's ``[b, W]`` pass (no zeroed ``[b, W]`` buffer, no ``[b, W]`` scatter)."""
+    rows, slots = values.shape
+    in_run_order = jnp.zeros((rows, slots + 1), values.dtype).at[
+        jnp.arange(rows)[:, None], runs.order
+    ].set(values, mode="promise_in_bounds")  # column `slots`: 0, for the columns outside
+    col = jnp.arange(width, dtype=jnp.int32)[None, :]
+    first_b, first_m = runs.first_b[:, None], runs.first_m[:, None]
+    in_b = (col >= first_b) & (col < first_b + runs.span_b[:, None])
+    in_m = (col >= first_m) & (col < first_m + runs.span_m[:, None])
+    offset = jnp.where(in_b, col - first_b,
+                       jnp.where(in_m, runs.span_b[:, None] + col - first_m, slots))
+    return jnp.take_along_axis(in_run_order, offset, axis=1, mode="promise_in_bounds")
 
 
 def _all_bucketed(d, batch, margin, split, slots):
     """``"all"`` with an anchor's positives sorted in ``slots`` slots: each negative's count
     of active thresholds by comparison, each positive's count of active negatives from a
     per-row histogram of those counts. ``O(b S W)`` comparisons, one ``[b, W]`` scatter."""
-    d_ap, filled, cols = _pack_runs(d, batch, split, slots)
+    d_ap, filled, runs = _pack_runs(d, batch, split, slots)
     threshold = jnp.where(filled, d_ap + margin, jnp.inf)  # sorted: d_ap is, inf last
     below = _count_below(threshold, d, strict=False)  # #thresholds <= d_an: inactive ones
     count = jnp.sum(filled, axis=1, keepdims=True, dtype=jnp.int32)
@@ -335,7 +368,7 @@ def _all_bucketed(d, batch, margin, split, slots):
     hist = _row_buckets("add", batch.neg.astype(jnp.int32), below, slots + 1, 0)
     per_positive = jnp.where(filled, jnp.cumsum(hist, axis=1)[:, :slots], 0)
     per_positive = per_positive.astype(jnp.float32)
-    coef = _scatter_rows(per_positive, cols, d.shape[1]) - per_negative
+    coef = _run_columns(per_positive, runs, d.shape[1]) - per_negative
     return coef, jnp.sum(per_positive)
 
 
@@ -345,7 +378,7 @@ def _semi_hard_bucketed(d, batch, margin, split, slots):
     harder negative of each positive as a reverse cumulative minimum over the buckets above
     it. Ties as :func:`_semi_hard_slotted`. ``O(b S W)`` comparisons, two ``[b, W]``
     scatters and two ``[b, W]`` gathers."""
-    d_ap, filled, cols = _pack_runs(d, batch, split, slots)
+    d_ap, filled, runs = _pack_runs(d, batch, split, slots)
     bucket = _count_below(d_ap, d, strict=True)  # #positives with d_ap < d_an, in [0, S]
     neg_d = jnp.where(batch.neg, d, jnp.inf)
     bucket_min = _row_buckets("min", neg_d, bucket, slots + 1, jnp.inf)  # [b, S + 1]
@@ -372,7 +405,7 @@ def _semi_hard_bucketed(d, batch, margin, split, slots):
     neg_coef = jnp.where(is_min, jnp.take_along_axis(per_bucket, bucket, axis=1), 0.0)
     neg_coef = neg_coef + w_far[:, None] * hit_far
     active = active.astype(jnp.float32)
-    return _scatter_rows(active, cols, d.shape[1]) - neg_coef, jnp.sum(active)
+    return _run_columns(active, runs, d.shape[1]) - neg_coef, jnp.sum(active)
 
 
 def _mined_total(d, batch, margin, slotted, fallback, bucketed=None, symmetric=False):
