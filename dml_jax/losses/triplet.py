@@ -12,11 +12,12 @@ and only one ``[b, B]`` product is differentiated.
 
 Mining is cheap in class-balanced batches, where an anchor has few positives: the columns are
 ordered by label (one ``[B]`` argsort), which makes each anchor's positives a contiguous run,
-gathered into ``S`` static slots (``S`` = 2, 8 or 32, whichever holds every anchor's span of
-positive columns, i.e. the batch's largest class);
+gathered into ``S`` static slots (``S`` = 2, 8 or 32, the smallest window from each anchor's
+first positive that holds all its positives, i.e. about the batch's largest class);
 the terms are then decided against every negative in ``O(b S B)`` work, reduced per slot over
 32-column chunks in int32 (:func:`_per_slot`: on XLA's CPU backend a reduction over the whole
-row materialised the ``[b, S, B]`` terms). A batch with a class of
+row materialised the ``[b, S, B]`` terms), and the slots' values reach their columns inside the
+``[b, B]`` coefficient pass (:func:`_slot_columns`). A batch with a class of
 more than 32 rows takes a sort-based path instead (each anchor's negative distances sorted once,
 then binary searches: ``O(B^2 log B)`` work, ``O(B^2)`` memory). XLA's CPU sort of a
 ``1024 x 1024`` array costs several times the loss's matmuls, hence the slots.
@@ -36,7 +37,9 @@ number of negatives in the buckets below it (one flat ``[b, W]`` scatter-add int
 scatter-min), whose reverse cumulative minimum is each positive's closest harder negative; the
 chosen negatives are marked by value (bucket minima, one gather), tied ones sharing the
 coefficient as in the slotted path (one more scatter-add counts the ties, one gather hands the
-coefficients back): ``O(b S W)`` comparisons and ``O(b W)`` scatters and gathers, a few
+coefficients back). The sorted slots' own values reach their columns by one gather per entry
+from its offset in its run (:func:`_run_columns`): ``O(b S W)`` comparisons and ``O(b W)``
+scatters and gathers, a few
 ``[b, W]`` arrays, no ``[b, W]`` sort. Only an anchor whose two runs span more than 512 columns
 (a class with that many rows in the batch and memory) sends the view to the sort-based path
 (``O(b W log W)``, several ``[b, W]`` arrays).
