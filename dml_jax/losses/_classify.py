@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from dml_jax import _checks
-from dml_jax.losses import _batch
+from dml_jax.losses import _batch, _class_batch
 
 
 def check_logits(logits: jax.typing.ArrayLike, labels: jax.Array,
@@ -42,7 +42,7 @@ def true_class_log_probability(logits: jax.Array, labels: jax.Array) -> jax.Arra
 
 def _true_class_logit(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
     """``(logits[i, y_i], y_i in [0, C))``, ``[B]`` each (0 for a label outside)."""
-    one_hot = labels[:, None] == jnp.arange(logits.shape[1])[None, :]
+    one_hot = _class_batch.one_hot(labels, logits.shape[1])
     return jnp.sum(jnp.where(one_hot, logits, 0.0), axis=1), jnp.any(one_hot, axis=1)
 
 

@@ -87,7 +87,7 @@ def _scatter_rows(values: jax.Array, cols: jax.Array, width: int) -> jax.Array:
 def _slot_columns(values: jax.Array, start: jax.Array, width: int, *,
                   transposed: bool = False) -> jax.Array:
     """:func:`_scatter_rows` for the contiguous slots ``cols[a, s] = start[a] + s`` (slots
-    past the last column must hold 0), as ``S`` element-wise selects that fuse into the
+    past the last column are dropped), as ``S`` element-wise selects that fuse into the
     caller's ``[b, B]`` pass (no zeroed ``[b, B]`` buffer, no scatter): ``out[a, n] =
     values[a, n - start[a]]``. ``transposed``: the transpose, ``[B, b]`` with
     ``out[n, a] = values[a, n - start[a]]`` (``b == B``)."""
@@ -380,7 +380,7 @@ def _semi_hard_bucketed(d, batch, margin, split, slots):
     bucket (how many positives are closer), per-bucket minima (a scatter-min), the closest
     harder negative of each positive as a reverse cumulative minimum over the buckets above
     it. Ties as :func:`_semi_hard_slotted`. ``O(b S W)`` comparisons, two ``[b, W]``
-    scatters and two ``[b, W]`` gathers."""
+    scatters and three ``[b, W]`` gathers."""
     d_ap, filled, runs = _pack_runs(d, batch, split, slots)
     bucket = _count_below(d_ap, d, strict=True)  # #positives with d_ap < d_an, in [0, S]
     neg_d = jnp.where(batch.neg, d, jnp.inf)
