@@ -313,11 +313,15 @@ def test_cosine_similarity_equals_the_normalised_product(same):
         return distances.cosine_similarity(x, None if same else y)
 
     assert np.all(np.isfinite(np.asarray(folded(x, y))))
-    np.testing.assert_allclose(folded(x, y), plain(x, y), rtol=1e-6, atol=1e-6)
-    loss_folded = jax.grad(lambda x, y: jnp.sum(w * folded(x, y)), argnums=(0, 1))
+    # float32 rounding of a few operations: observed 1.2e-7 on values, 2.3e-7 x the largest
+    # entry on gradients.
+    np.testing.assert_allclose(folded(x, y), plain(x, y), rtol=0, atol=5e-7)
+    argnums = (0,) if same else (0, 1)  # x_x: y takes no part
+    loss_folded = jax.grad(lambda x, y: jnp.sum(w * folded(x, y)), argnums=argnums)
     loss_plain = jax.grad(lambda x, y: jnp.sum(w * (plain(x, x) if same else plain(x, y))),
-                          argnums=(0, 1))
+                          argnums=argnums)
     for got, want in zip(loss_folded(x, y), loss_plain(x, y), strict=True):
         assert np.all(np.isfinite(np.asarray(got)))
         scale = np.abs(np.asarray(want)).max()
-        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * scale)
+        assert scale > 0
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6 * scale)
