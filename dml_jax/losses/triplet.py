@@ -115,10 +115,8 @@ def _slot_choice(pos: jax.Array, pos_count: jax.Array) -> tuple[jax.Array, jax.A
     one ``argmax`` and a ``[b, 32]`` gather decide, instead of the span between each row's
     first and last positive (a second, reversed ``argmax`` over the ``[b, W]`` mask).
     """
-    width = pos.shape[1]
     start = jnp.argmax(pos, axis=1).astype(jnp.int32)
-    cols = start[:, None] + jnp.arange(max(SLOT_SIZES), dtype=jnp.int32)[None, :]
-    hits = (cols < width) & jnp.take_along_axis(pos, jnp.minimum(cols, width - 1), axis=1)
+    _, hits = _window(pos, start, max(SLOT_SIZES))
     within = jnp.pad(  # [b, 33]: column s holds the positives in [start, start + s)
         jnp.cumsum(hits, axis=1, dtype=jnp.int32), ((0, 0), (1, 0))
     )
@@ -134,12 +132,18 @@ def _pack_positives(d, batch, start, slots):
     A row's positives must lie in the ``slots`` columns from ``start``, its first positive
     (true with label-sorted columns when no label has more than ``slots`` valid rows).
     """
-    width = d.shape[1]
+    cols, filled = _window(batch.pos, start, slots)
+    return jnp.take_along_axis(d, cols, axis=1), filled
+
+
+def _window(pos: jax.Array, start: jax.Array, slots: int) -> tuple[jax.Array, jax.Array]:
+    """The ``slots`` columns from each row's ``start``: ``(cols [b, S]`` clipped to the last
+    column, ``filled [b, S]``: inside the row and positive``)``."""
+    width = pos.shape[1]
     cols = start[:, None] + jnp.arange(slots, dtype=jnp.int32)[None, :]
     inside = cols < width
     cols = jnp.minimum(cols, width - 1)
-    filled = inside & jnp.take_along_axis(batch.pos, cols, axis=1)
-    return jnp.take_along_axis(d, cols, axis=1), filled
+    return cols, inside & jnp.take_along_axis(pos, cols, axis=1)
 
 
 def _column_chunks(x: jax.Array, fill: float) -> jax.Array:
