@@ -15,8 +15,9 @@ ordered by label (one ``[B]`` argsort), which makes each anchor's positives a co
 gathered into ``S`` static slots (``S`` = 2, 8 or 32, the smallest window from each anchor's
 first positive that holds all its positives, i.e. about the batch's largest class);
 the terms are then decided against every negative in ``O(b S B)`` work, reduced per slot over
-32-column chunks in int32 (:func:`_per_slot`: on XLA's CPU backend a reduction over the whole
-row materialised the ``[b, S, B]`` terms), and the slots' values reach their columns inside the
+transposed ``32 x 32`` blocks of columns in int32 (:func:`_per_slot`: on XLA's CPU backend a
+reduction over whole rows materialised the ``[b, S, B]`` terms, and one over more than 1024
+columns at once ran 20-30 times slower), and the slots' values reach their columns inside the
 ``[b, B]`` coefficient pass (:func:`_slot_columns`). A batch with a class of
 more than 32 rows takes a sort-based path instead (each anchor's negative distances sorted once,
 then binary searches: ``O(B^2 log B)`` work, ``O(B^2)`` memory). XLA's CPU sort of a
@@ -67,8 +68,10 @@ BUCKET_SIZES = (128, 512)
 # Thresholds compared per fused reduction in `_count_below` (XLA's CPU reductions over a
 # short minor axis of booleans vectorise; wider ones, or float sums, are many times slower).
 _COMPARE_CHUNK = 32
-# Columns per chunk when the slotted miners reduce over an anchor's columns (see `_per_slot`).
+# The slotted miners' reductions over an anchor's columns (see `_per_slot`): lanes per chunk,
+# and columns per block (at most _COLUMN_CHUNK chunks).
 _COLUMN_CHUNK = 32
+_BLOCK_COLUMNS = _COLUMN_CHUNK * _COLUMN_CHUNK
 
 
 def _searchsorted_rows(sorted_rows: jax.Array, queries: jax.Array, side: str) -> jax.Array:
@@ -146,30 +149,41 @@ def _window(pos: jax.Array, start: jax.Array, slots: int) -> tuple[jax.Array, ja
     return cols, inside & jnp.take_along_axis(pos, cols, axis=1)
 
 
-def _column_chunks(x: jax.Array, fill: float) -> jax.Array:
-    """``x`` ``[b, W]`` as ``[b, W / c, c]`` chunks of ``c = _COLUMN_CHUNK`` columns (padded
-    with ``fill``; one chunk when ``W`` is smaller)."""
+def _column_blocks(x: jax.Array, fill: float) -> list[jax.Array]:
+    """``x`` ``[b, W]`` as blocks of at most :data:`_BLOCK_COLUMNS` columns, each ``[b, c, n]``
+    with ``c = _COLUMN_CHUNK`` lanes and ``n <= c`` chunks (column ``k c + l`` of a block at
+    ``[:, l, k]``; ``W`` padded with ``fill`` to a multiple of ``c``)."""
     rows, width = x.shape
-    size = min(_COLUMN_CHUNK, width)
-    pad = -width % size
+    pad = -width % _COLUMN_CHUNK
     if pad:
         x = jnp.pad(x, ((0, 0), (0, pad)), constant_values=fill)
-    return x.reshape(rows, -1, size)
+    return [
+        x[:, lo:lo + _BLOCK_COLUMNS].reshape(rows, -1, _COLUMN_CHUNK).transpose(0, 2, 1)
+        for lo in range(0, x.shape[1], _BLOCK_COLUMNS)
+    ]
 
 
-def _per_slot(op, compare, thresholds, chunks):
+def _per_slot(op, compare, thresholds, blocks):
     """``op`` (``"sum"`` counts, ``"min"``) over the columns of each slot's ``[b, W]`` row,
-    ``[b, S]``: ``compare(thresholds [b, S, 1, 1], chunks [b, 1, W / c, c])`` gives the
-    ``[b, S, W / c, c]`` terms, reduced over the chunk (a short minor axis) and then over the
-    chunks, in int32: XLA's CPU backend fuses and vectorises these two integer reductions,
-    where one over the whole ``[b, S, W]``, or any float min, made it materialise the terms
-    (10-20 times slower). ``"min"`` takes non-negative floats (or ``+inf``), whose bit
+    ``[b, S]``: per block of :func:`_column_blocks`, ``compare(thresholds [b, S, 1, 1], block
+    [b, 1, c, n])`` gives the ``[b, S, c, n]`` terms, reduced over both axes in int32, and
+    the blocks' results are combined. On XLA's CPU backend these fused integer reductions of
+    at most ``32 x 32`` terms per slot vectorise; a reduction over whole rows, over the
+    untransposed chunks, or over more than 1024 columns at once made it materialise or
+    scalarise the terms (3 times slower at ``W = 1024``, 20-30 times from ``W = 2048``), as
+    does any float min. ``"min"`` takes non-negative floats (or ``+inf``), whose bit
     patterns order as int32 as the floats do."""
-    terms = compare(thresholds[:, :, None, None], chunks[:, None])
+    def reduce(block):
+        terms = compare(thresholds[:, :, None, None], block[:, None])
+        if op == "sum":
+            return jnp.sum(terms, axis=(2, 3), dtype=jnp.int32)
+        return jnp.min(jax.lax.bitcast_convert_type(terms, jnp.int32), axis=(2, 3))
+
+    combine = jnp.add if op == "sum" else jnp.minimum
+    out = functools.reduce(combine, [reduce(block) for block in blocks])
     if op == "sum":
-        return jnp.sum(jnp.sum(terms, axis=3, dtype=jnp.int32), axis=2).astype(jnp.float32)
-    bits = jax.lax.bitcast_convert_type(terms, jnp.int32)
-    return jax.lax.bitcast_convert_type(jnp.min(jnp.min(bits, axis=3), axis=2), jnp.float32)
+        return out.astype(jnp.float32)
+    return jax.lax.bitcast_convert_type(out, jnp.float32)
 
 
 def _all_slotted(d, batch, start, margin, slots, symmetric=False):
@@ -177,7 +191,7 @@ def _all_slotted(d, batch, start, margin, slots, symmetric=False):
     threshold = jnp.where(filled, d_ap + margin, -jnp.inf)  # an empty slot is never active
     neg_d = jnp.where(batch.neg, d, jnp.inf)  # a non-negative never is
     per_positive = _per_slot(  # [b, S]: each positive's active negatives
-        "sum", jnp.greater, threshold, _column_chunks(neg_d, jnp.inf)
+        "sum", jnp.greater, threshold, _column_blocks(neg_d, jnp.inf)
     )
 
     def count_negative(thresholds):  # [b, B]: the S slots unrolled
@@ -221,10 +235,10 @@ def _semi_hard_terms(d, batch, d_ap, filled, pos_cols, neg_cols, margin):
 def _semi_hard_slotted(d, batch, start, margin, slots, symmetric=False):
     d_ap, filled = _pack_positives(d, batch, start, slots)
     neg_d = jnp.where(batch.neg, d, -jnp.inf)  # a non-negative is never harder
-    chunks = _column_chunks(neg_d, -jnp.inf)
+    blocks = _column_blocks(neg_d, -jnp.inf)
     closest = _per_slot(  # [b, S]: the closest negative farther than each positive (> 0,
         # as d_ap >= 0: distances, so a valid "min" of _per_slot)
-        "min", lambda t, x: jnp.where(x > t, x, jnp.inf), d_ap, chunks
+        "min", lambda t, x: jnp.where(x > t, x, jnp.inf), d_ap, blocks
     )
     found = jnp.isfinite(closest)
     farthest = jnp.max(jnp.where(batch.neg, d, -jnp.inf), axis=1)  # [b]
@@ -234,9 +248,9 @@ def _semi_hard_slotted(d, batch, start, margin, slots, symmetric=False):
     # Mark the chosen negative's column by value (plain min/max reductions are much faster on
     # CPU than argmin); exactly tied negatives share the coefficient, the value is unchanged.
     # A negative at a found `closest` (finite, above d_ap) is harder than that positive.
-    ties = _per_slot("sum", jnp.equal, closest, chunks)  # [b, S]
+    ties = _per_slot("sum", jnp.equal, closest, blocks)  # [b, S]
     far_ties = _per_slot(  # [b, 1]: the negatives at the farthest distance
-        "sum", jnp.equal, farthest[:, None], chunks
+        "sum", jnp.equal, farthest[:, None], blocks
     )[:, 0]
     w_close = jnp.where(active & found, 1.0, 0.0) / jnp.maximum(ties, 1.0)
     w_far = jnp.sum(jnp.where(active & ~found, 1.0, 0.0), axis=1) / jnp.maximum(far_ties, 1)
