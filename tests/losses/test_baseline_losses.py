@@ -161,15 +161,21 @@ def test_triplet_every_positive_set_size_matches_reference(mining, class_size):
 
 
 @pytest.mark.parametrize("mining", ["all", "semi_hard"])
-def test_triplet_slot_reductions_over_several_column_blocks(mining, monkeypatch):
-    """The slotted miners reduce over blocks of columns (1024 by default); with blocks of 64,
-    150 columns are three blocks, the last one padded: the same value and gradient as one
-    block, and the value of the loop reference."""
+@pytest.mark.parametrize("setting,size,steps,big_class", [
+    ("_BLOCK_COLUMNS", 64, 3, 0),  # slotted: 150 columns in three blocks, the last padded
+    ("_FALLBACK_ROWS", 64, 3, 40),  # sort-based (a class of 40): three row steps, one padded
+])
+def test_triplet_miners_in_pieces_match_whole(mining, setting, size, steps, big_class,
+                                             monkeypatch):
+    """The slotted miners reduce over blocks of columns (1024 by default), the sort-based
+    fallback runs over steps of rows (128): with smaller pieces, the same value and gradient
+    bit for bit as in one piece, and the value of the loop reference."""
     from dml_jax.losses import _batch, triplet
 
     rng = np.random.default_rng(5)
     e = rng.normal(size=(150, 3)).astype(np.float32)
-    y = rng.integers(0, 30, size=150).astype(np.int32)
+    y = rng.integers(1, 30, size=150).astype(np.int32)
+    y[:big_class] = 0
 
     def unjitted(x):  # triplet_loss without its jit cache, so the patched size is traced
         batch = _batch.pair_batch(x, y, None, None, sort_by_label=True)
@@ -178,15 +184,15 @@ def test_triplet_slot_reductions_over_several_column_blocks(mining, monkeypatch)
             mining=mining, axis_name=None, symmetric=True,
         )
 
-    one_block = jax.value_and_grad(unjitted)(e)
-    monkeypatch.setattr(triplet, "_BLOCK_COLUMNS", 64)
-    assert len(triplet._column_blocks(jnp.zeros((2, 150)), 0.0)) == 3
-    blocks = jax.value_and_grad(unjitted)(e)
-    np.testing.assert_array_equal(blocks[0], one_block[0])
-    np.testing.assert_array_equal(blocks[1], one_block[1])
-    np.testing.assert_allclose(blocks[0], ref.triplet(e, y, margin=0.5, mining=mining),
+    whole = jax.value_and_grad(unjitted)(e)
+    monkeypatch.setattr(triplet, setting, size)
+    assert -(-150 // size) == steps
+    pieces = jax.value_and_grad(unjitted)(e)
+    np.testing.assert_array_equal(pieces[0], whole[0])
+    np.testing.assert_array_equal(pieces[1], whole[1])
+    np.testing.assert_allclose(pieces[0], ref.triplet(e, y, margin=0.5, mining=mining),
                                **VALUE_TOL)
-    assert np.any(np.asarray(blocks[1]) != 0)
+    assert np.any(np.asarray(pieces[1]) != 0)
 
 
 @pytest.mark.parametrize("case", BASELINE, ids=IDS)
