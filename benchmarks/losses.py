@@ -11,7 +11,11 @@ and one ``[B, B] @ [B, D]``, forward+backward in JAX), the ratio to the plain co
 on the same batch (both timed alternately with the loss), and whether the two values agree. The
 losses on learned class parameters (``benchmarks/losses_proxy.py``: Proxy-Anchor, ProxyNCA,
 ArcFace, CosFace, SoftTriple) get one parameter row per class (SoftTriple: 10) and both sides
-differentiate it too. Needs the ``bench`` extra (torch, pytorch-metric-learning).
+differentiate it too. By default glibc is told to keep freed memory first
+(:func:`dml_jax.host_memory.retain_freed_memory`, as the experiment scripts do; both sides of
+every ratio run under it): otherwise every call maps its buffers afresh, page by page, once they
+pass 32 MB. ``--allocator default`` measures glibc's own settings. Needs the ``bench`` extra
+(torch, pytorch-metric-learning).
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from dml_jax import losses
+from dml_jax import host_memory, losses
 
 # Losses on anchor/positive pairs: they get the P x 2 layout.
 PAIR_LAYOUT = ("npair", "angular", "symm")
@@ -239,7 +243,13 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", default=None, help="loss names to run")
     parser.add_argument("--memory", type=int, default=8192,
                         help="cross-batch memory size for the XBM rows (0: skip them)")
+    parser.add_argument("--allocator", choices=("retain", "default"), default="retain",
+                        help="retain: glibc keeps freed memory (dml_jax.host_memory, as the "
+                             "experiment scripts do), so per-call buffers do not page-fault; "
+                             "default: glibc's own settings")
     args = parser.parse_args()
+    # Before JAX (or torch) starts its threads; it applies to both sides of every ratio.
+    retained = args.allocator == "retain" and host_memory.retain_freed_memory()
 
     rng = np.random.default_rng(0)
     e_np = rng.normal(size=(args.batch, args.dim)).astype(np.float32)
@@ -260,7 +270,8 @@ def main() -> None:
     except ImportError:
         torch_info = "torch not installed"
     print(f"# {cpu_description()}, {os.cpu_count()} cores; "
-          f"jax {jax.__version__} on {jax.devices()[0].platform}; {torch_info}")
+          f"jax {jax.__version__} on {jax.devices()[0].platform}; {torch_info}; host memory: "
+          f"{'retained (dml_jax.host_memory)' if retained else 'default allocator settings'}")
     print(f"# B={args.batch}, D={args.dim}, {args.per_class} per class; median of "
           f"{args.repeats}; x floor = loss / (e @ e.T and one [B, B] @ [B, D], jitted, timed "
           "alternately with each loss; for the losses on class parameters p [C, D]: e @ p.T and "

@@ -14,6 +14,8 @@ from ml_collections import config_flags
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from dml_jax import host_memory
+
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
     "config", str(Path(__file__).resolve().parent / "configs" / "digits.py"),
@@ -35,6 +37,7 @@ def main(argv):
     del argv
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
+    host_memory.retain_freed_memory()  # before JAX starts its threads; see dml_jax/host_memory.py
     from dml_jax import data, evaluation, train
 
     try:

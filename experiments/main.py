@@ -13,6 +13,8 @@ from ml_collections import config_flags
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from dml_jax import host_memory
+
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to a get_config() file.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and plots.")
@@ -26,6 +28,7 @@ def main(argv):
     del argv
     if not FLAGS["verbosity"].present:  # libraries' INFO logs only on request (-v 0)
         logging.set_verbosity(logging.WARNING)
+    host_memory.retain_freed_memory()  # before JAX starts its threads; see dml_jax/host_memory.py
     import jax
 
     if FLAGS.coordinator_address:
