@@ -8,6 +8,7 @@ Submodules:
   * :mod:`dml_jax.evaluation` -- retrieval, clustering, re-ID and classification metrics.
   * :mod:`dml_jax.models` -- Flax NNX model zoo and pretrained-weight import.
   * :mod:`dml_jax.audio` -- speech front end, spoken-word sources, word recognition.
+  * :mod:`dml_jax.host_memory` -- keeping freed host memory, so XLA:CPU's buffers stop faulting.
 """
 
 __version__ = "0.1.0"

@@ -20,7 +20,8 @@ reduction over whole rows materialised the ``[b, S, B]`` terms, and one over mor
 columns at once ran 20-30 times slower), and the slots' values reach their columns inside the
 ``[b, B]`` coefficient pass (:func:`_slot_columns`). A batch with a class of
 more than 32 rows takes a sort-based path instead (each anchor's negative distances sorted once,
-then binary searches: ``O(B^2 log B)`` work, ``O(B^2)`` memory). XLA's CPU sort of a
+then binary searches: ``O(B^2 log B)`` work, ``O(B^2)`` memory, 128 rows at a time:
+:func:`_by_row_chunks`). XLA's CPU sort of a
 ``1024 x 1024`` array costs several times the loss's matmuls, hence the slots.
 
 With a cross-batch memory of ``M`` rows (``W = B + M`` columns) an anchor has many negatives
