@@ -5,9 +5,10 @@ e.g. a loss's ``[B, B]`` or ``[B, B + M]`` matrices) with ``malloc`` and frees i
 ends. glibc's ``malloc`` serves a request past its ``mmap`` threshold (at most 32 MB), or one
 too large for a worker thread's arena (64 MB heaps), by mapping fresh pages and unmapping them
 on ``free``; so every call touches its buffer page by page again, one page fault per 4 KB. On
-the 2-core machines in ``README.md`` that cost 3-5 ms of a 17 ms triplet step at ``B = 1024``
-(a 50 MB buffer) and 40-120 ms of the 120-330 ms steps with a cross-batch memory of 8,192 rows
-(126-829 MB), as much as a matmul; see ``docs/losses.md`` ("Host memory").
+the 2-core machines in ``README.md`` a 50 MB buffer (the triplet step at ``B = 1024`` before its
+fallback miner was made smaller) cost 3-5 ms of a 17 ms step, and the 126-829 MB buffers of the
+losses with a cross-batch memory of 8,192 rows 40-120 ms of their 120-330 ms steps, as much as
+a matmul; see ``docs/losses.md`` ("Host memory").
 
 :func:`retain_freed_memory` tells glibc to keep what is freed (one arena, no ``mmap`` for
 large blocks, no trimming), so the next call reuses the same pages. It is a process-wide

@@ -17,7 +17,7 @@ first positive that holds all its positives, i.e. about the batch's largest clas
 the terms are then decided against every negative in ``O(b S B)`` work, reduced per slot over
 transposed ``32 x 32`` blocks of columns in int32 (:func:`_per_slot`: on XLA's CPU backend a
 reduction over whole rows materialised the ``[b, S, B]`` terms, and one over more than 1024
-columns at once ran 20-30 times slower), and the slots' values reach their columns inside the
+columns at once ran 20-40 times slower), and the slots' values reach their columns inside the
 ``[b, B]`` coefficient pass (:func:`_slot_columns`). A batch with a class of
 more than 32 rows takes a sort-based path instead (each anchor's negative distances sorted once,
 then binary searches: ``O(B^2 log B)`` work, ``O(B^2)`` memory, 128 rows at a time:
@@ -173,7 +173,7 @@ def _per_slot(op, compare, thresholds, blocks):
     the blocks' results are combined. On XLA's CPU backend these fused integer reductions of
     at most ``32 x 32`` terms per slot vectorise; a reduction over whole rows, over the
     untransposed chunks, or over more than 1024 columns at once made it materialise or
-    scalarise the terms (3 times slower at ``W = 1024``, 20-30 times from ``W = 2048``), as
+    scalarise the terms (3 times slower at ``W = 1024``, 20-40 times from ``W = 2048``), as
     does any float min. ``"min"`` takes non-negative floats (or ``+inf``), whose bit
     patterns order as int32 as the floats do."""
     def reduce(block):
