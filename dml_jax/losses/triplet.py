@@ -437,10 +437,12 @@ def _by_row_chunks(fallback, d, batch, margin):
     mined on its own from ``d`` and the masks) over steps of :data:`_FALLBACK_ROWS` rows
     (``lax.map``; padded rows have no pairs): the same coefficients and count, with the
     miner's sorts and searches holding ``[_FALLBACK_ROWS, W]`` temporaries instead of
-    ``[b, W]``. XLA sizes one temporary buffer for every branch of the miners' switch, so a
-    fallback on whole rows made the common slotted branch's buffer several times larger
-    (50 MB instead of 10 at ``B = 1024``), and on CPU a buffer past glibc's ``mmap``
-    threshold (32 MB) is mapped afresh, page by page, on every call."""
+    ``[b, W]``. Only ``d`` and the masks are cut into steps: a fallback must read nothing
+    else of ``batch`` per row (its counts, labels and points keep all ``b`` rows). XLA sizes
+    one temporary buffer for every branch of the miners' switch, so a fallback on whole rows
+    made the common slotted branch's buffer several times larger (50 MB instead of 10 at
+    ``B = 1024``), and on CPU a buffer past glibc's ``mmap`` threshold (32 MB) is mapped
+    afresh, page by page, on every call."""
     rows, width = d.shape
     size = min(_FALLBACK_ROWS, rows)
     pad = -rows % size
