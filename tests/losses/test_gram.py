@@ -325,3 +325,14 @@ def test_cosine_similarity_equals_the_normalised_product(same):
         scale = np.abs(np.asarray(want)).max()
         assert scale > 0
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6 * scale)
+
+
+@pytest.mark.parametrize("first", [0.5, np.nan, np.inf])
+def test_transpose_sum_is_exactly_h_plus_its_transpose(first):
+    # The identity dynamic_update_slice must leave h untouched whatever h[0, 0] holds (its
+    # offset is computed from it), jitted and under vmap, where the offset is batched.
+    h = np.random.default_rng(0).normal(size=(3, 6, 6)).astype(np.float32)
+    h[1, 0, 0] = first
+    want = h + np.swapaxes(h, 1, 2)
+    np.testing.assert_array_equal(jax.jit(_batch.transpose_sum)(jnp.asarray(h[1])), want[1])
+    np.testing.assert_array_equal(jax.jit(jax.vmap(_batch.transpose_sum))(jnp.asarray(h)), want)
