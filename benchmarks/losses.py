@@ -78,16 +78,24 @@ def _timed(fn: Callable, *args) -> float:
     return time.perf_counter() - t
 
 
-def time_jax(
-    fn: Callable, e: jax.Array, y: jax.Array, repeats: int, params: jax.Array | None = None,
+# Both sides are timed in ROUNDS alternating blocks, so a slow phase of a shared machine (they
+# last seconds) falls on both; each block starts after a pause and one untimed call, as the
+# other side's worker threads may still be spinning (torch's OpenMP threads slowed the first
+# two or three XLA calls after a torch block).
+ROUNDS = 3
+_SETTLE_S = 0.1
+
+
+def jax_timer(
+    fn: Callable, e: jax.Array, y: jax.Array, params: jax.Array | None = None,
     *, floor_cols: jax.Array | None = None, baseline: Callable | None = None, **kwargs,
-) -> tuple[float, float, float, float | None]:
-    """Median seconds of jitted value_and_grad (for the embeddings, and for ``params`` when
-    given: ``fn(e, y, params)``), the loss value, the median seconds of the matmul floor
-    :func:`pair_floor` (``floor_cols``: the candidate columns, default ``e``; with
-    ``params``: :func:`class_floor`) and of the
-    jitted step ``baseline(e)`` (when given), all timed alternately with the loss, so each
-    ratio compares runs that saw the same machine state."""
+) -> tuple[float, Callable[[int], tuple[list, list, list]]]:
+    """The loss value of jitted value_and_grad (for the embeddings, and for ``params`` when
+    given: ``fn(e, y, params)``), and a block timer: ``block(n)`` times ``n`` calls, each
+    followed by one of the matmul floor :func:`pair_floor` (``floor_cols``: the candidate
+    columns, default ``e``; with ``params``: :func:`class_floor`) and one of the jitted step
+    ``baseline(e)`` (when given), so each ratio compares runs that saw the same machine state.
+    Returns the three lists of seconds (the last empty without ``baseline``)."""
     args = (e, y) if params is None else (e, y, params)
     step = jax.jit(jax.value_and_grad(lambda *a: fn(*a, **kwargs),
                                       argnums=0 if params is None else (0, 2)))
@@ -97,18 +105,25 @@ def time_jax(
     jax.block_until_ready((grad, floor(*floor_args)))
     if baseline is not None:
         jax.block_until_ready(baseline(e))
-    times, floors, bases = [], [], []
-    for _ in range(repeats):
-        times.append(_timed(step, *args))
-        floors.append(_timed(floor, *floor_args))
-        if baseline is not None:
-            bases.append(_timed(baseline, e))
-    return (statistics.median(times), float(value), statistics.median(floors),
-            statistics.median(bases) if bases else None)
+
+    def block(n: int) -> tuple[list, list, list]:
+        time.sleep(_SETTLE_S)
+        jax.block_until_ready(step(*args))
+        times, floors, bases = [], [], []
+        for _ in range(n):
+            times.append(_timed(step, *args))
+            floors.append(_timed(floor, *floor_args))
+            if baseline is not None:
+                bases.append(_timed(baseline, e))
+        return times, floors, bases
+
+    return float(value), block
 
 
-def time_torch(loss_obj, miner, e_np: np.ndarray, y_np: np.ndarray, repeats: int):
-    """Median seconds of forward+backward of a pytorch-metric-learning loss, and its value."""
+def torch_timer(loss_obj, miner, e_np: np.ndarray, y_np: np.ndarray
+                ) -> tuple[float, Callable[[int], list]]:
+    """The value of a pytorch-metric-learning loss and a block timer of its forward+backward:
+    ``block(n)`` returns ``n`` times in seconds."""
     import torch
 
     y = torch.from_numpy(y_np.astype(np.int64))
@@ -121,12 +136,36 @@ def time_torch(loss_obj, miner, e_np: np.ndarray, y_np: np.ndarray, repeats: int
         return float(loss)
 
     value = run()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
+
+    def block(n: int) -> list:
+        time.sleep(_SETTLE_S)
         run()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times), value
+        times = []
+        for _ in range(n):
+            t = time.perf_counter()
+            run()
+            times.append(time.perf_counter() - t)
+        return times
+
+    return value, block
+
+
+def measure(jax_block: Callable, repeats: int, peer_block: Callable | None = None,
+            peer_repeats: int = 0) -> tuple[float, float, float | None, float | None]:
+    """Medians ``(loss, floor, baseline or None, peer or None)`` in seconds over
+    :data:`ROUNDS` rounds of a JAX block and a peer block (``repeats`` and ``peer_repeats``
+    calls in all)."""
+    times, floors, bases, peer = [], [], [], []
+    for _ in range(ROUNDS):
+        t, f, b = jax_block(-(-repeats // ROUNDS))
+        times += t
+        floors += f
+        bases += b
+        if peer_block is not None:
+            peer += peer_block(-(-peer_repeats // ROUNDS))
+    return (statistics.median(times), statistics.median(floors),
+            statistics.median(bases) if bases else None,
+            statistics.median(peer) if peer else None)
 
 
 def peers():
@@ -211,26 +250,24 @@ def proxy_rows(args, e_np: np.ndarray, y_np: np.ndarray, baseline: Callable):
             continue
         p_np = rng.normal(size=(num_classes * max(rows, 1), args.dim)).astype(np.float32)
         if rows:  # the loss differentiates its parameters too; its floor is class_floor
-            t_jax, v_jax, t_floor, t_base = time_jax(
-                fn, e, y, args.repeats, params=jnp.asarray(p_np), baseline=baseline
-            )
+            v_jax, jax_block = jax_timer(fn, e, y, jnp.asarray(p_np), baseline=baseline)
         else:  # a pair loss (SupCon, Circle): the pair floor
-            t_jax, v_jax, t_floor, t_base = time_jax(
-                functools.partial(fn, p=None), e, y, args.repeats, baseline=baseline
-            )
-        t_peer = v_peer = None
+            v_jax, jax_block = jax_timer(functools.partial(fn, p=None), e, y, baseline=baseline)
+        v_peer = peer_block = None
         try:
             import torch
 
             loss_obj, attr, transposed = make_peer(num_classes, args.dim)
         except ImportError:
-            yield name, t_jax, None, v_jax, None, t_floor, t_base
-            continue
-        if attr is not None:
-            with torch.no_grad():
-                getattr(loss_obj, attr).copy_(torch.from_numpy(p_np.T.copy() if transposed
-                                                               else p_np))
-        t_peer, v_peer = time_torch(loss_obj, None, e_np, y_np, max(3, args.repeats // 3))
+            loss_obj = None
+        if loss_obj is not None:
+            if attr is not None:
+                with torch.no_grad():
+                    getattr(loss_obj, attr).copy_(torch.from_numpy(p_np.T.copy() if transposed
+                                                                   else p_np))
+            v_peer, peer_block = torch_timer(loss_obj, None, e_np, y_np)
+        t_jax, t_floor, t_base, t_peer = measure(jax_block, args.repeats, peer_block,
+                                                 max(3, args.repeats // 3))
         yield name, t_jax, t_peer, v_jax, v_peer, t_floor, t_base
 
 
@@ -282,18 +319,20 @@ def main() -> None:
         if args.only and name not in args.only:
             continue
         layout = "pairs" if name.startswith(PAIR_LAYOUT) else "pk"
-        t_jax, v_jax, floor, t_contr = time_jax(
-            fn, e, y_pairs if layout == "pairs" else y, args.repeats, baseline=contrastive[layout]
+        v_jax, jax_block = jax_timer(
+            fn, e, y_pairs if layout == "pairs" else y, baseline=contrastive[layout]
         )
         peer_ms = speedup = agree = "-"
+        peer_block = None
         if peer is not None:
             loss_obj, miner = peer()
             try:
-                t_peer, v_peer = time_torch(loss_obj, miner, e_np, y_np,
-                                            max(3, args.repeats // 3))
+                v_peer, peer_block = torch_timer(loss_obj, miner, e_np, y_np)
             except (RuntimeError, MemoryError) as err:  # e.g. PML's lifted: B^3 memory
-                t_peer = None
                 peer_ms = "OOM" if "memory" in str(err).lower() else "error"
+        t_jax, floor, t_contr, t_peer = measure(jax_block, args.repeats, peer_block,
+                                                max(3, args.repeats // 3))
+        if peer is not None:
             if t_peer is not None:
                 peer_ms, speedup = f"{t_peer * 1e3:.1f}", f"{t_peer / t_jax:.1f}x"
             if comparable and t_peer is not None:
@@ -310,8 +349,9 @@ def main() -> None:
             peer_ms, speedup = f"{t_peer * 1e3:.1f}", f"{t_peer / t_jax:.1f}x"
             agree = "same" if abs(v_peer - v_jax) <= 1e-4 * max(1.0, abs(v_jax)) else (
                 f"{v_jax:.4g}/{v_peer:.4g}")
+        contr = "-" if t_contr is None else f"{t_jax / t_contr:.2f}"
         print(f"{name:<26}{t_jax * 1e3:>11.1f}{peer_ms:>10}{speedup:>10}"
-              f"{t_jax / floor:>9.2f}{t_jax / t_contr:>9.2f}{agree:>10}")
+              f"{t_jax / floor:>9.2f}{contr:>9}{agree:>10}")
     if args.memory:
         memory_rows(args, e, y)
 
@@ -339,8 +379,9 @@ def memory_rows(args, e: jax.Array, y: jax.Array) -> None:
     print(f"# with a full cross-batch memory of M = {m}: x floor = loss / (e @ [e; memory].T "
           "and one [B, B + M] @ [B + M, D])")
     for name, (fn, kwargs) in MEMORY_LOSSES.items():
-        t_jax, _, floor, _ = time_jax(fn, e, y, args.repeats, floor_cols=cols, memory=state,
-                                      **kwargs)
+        t_jax, floor, _, _ = measure(
+            jax_timer(fn, e, y, floor_cols=cols, memory=state, **kwargs)[1], args.repeats
+        )
         print(f"{name + ' + XBM':<26}{t_jax * 1e3:>11.1f}{'-':>10}{'-':>10}"
               f"{t_jax / floor:>9.2f}{'-':>9}{'-':>10}")
 
