@@ -322,3 +322,18 @@ def test_a_nonfinite_memory_row_gives_a_nan_triplet_loss_on_the_bucketed_path(mi
     e, y, where = loss_batch()
     bad = state._replace(embeddings=state.embeddings.at[5, 0].set(jnp.nan))
     assert np.isnan(losses.triplet_loss(e, y, where=where, memory=bad, mining=mining))
+
+
+@pytest.mark.parametrize("width", [32, 128, 512])
+def test_stable_order_is_a_stable_argsort(width):
+    # The bucketed triplet miners sort their positive slots by counting predecessors; ties
+    # (repeated distances, the unfilled slots' inf) must keep index order, as a stable sort.
+    from dml_jax.losses import triplet
+
+    rng = np.random.default_rng(width)
+    values = rng.integers(0, 7, size=(9, width)).astype(np.float32) / 3
+    values[:, width // 2:] = np.inf
+    values[::3, :5] = 0.0
+    values[4] = rng.normal(size=width)
+    order = jax.jit(triplet._stable_order)(jnp.asarray(values))
+    np.testing.assert_array_equal(np.asarray(order), np.argsort(values, axis=1, kind="stable"))
