@@ -271,6 +271,22 @@ def proxy_rows(args, e_np: np.ndarray, y_np: np.ndarray, baseline: Callable):
         yield name, t_jax, t_peer, v_jax, v_peer, t_floor, t_base
 
 
+def print_row(name: str, t_jax: float, t_peer: float | None, v_jax: float,
+              v_peer: float | None, floor: float, t_contr: float, failure: str = "-") -> None:
+    """One table row: times in seconds; ``v_peer`` None where the values are not comparable;
+    ``failure`` shown in the peer column when there is no peer time."""
+    speedup = agree = "-"
+    if t_peer is None:
+        peer_ms = failure
+    else:
+        peer_ms, speedup = f"{t_peer * 1e3:.1f}", f"{t_peer / t_jax:.1f}x"
+        if v_peer is not None:
+            agree = "same" if abs(v_peer - v_jax) <= 1e-4 * max(1.0, abs(v_jax)) else (
+                f"{v_jax:.4g}/{v_peer:.4g}")
+    print(f"{name:<26}{t_jax * 1e3:>11.1f}{peer_ms:>10}{speedup:>10}"
+          f"{t_jax / floor:>9.2f}{t_jax / t_contr:>9.2f}{agree:>10}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=1024)
@@ -322,36 +338,23 @@ def main() -> None:
         v_jax, jax_block = jax_timer(
             fn, e, y_pairs if layout == "pairs" else y, baseline=contrastive[layout]
         )
-        peer_ms = speedup = agree = "-"
-        peer_block = None
+        peer_block = v_peer = None
+        failure = "-"
         if peer is not None:
             loss_obj, miner = peer()
             try:
                 v_peer, peer_block = torch_timer(loss_obj, miner, e_np, y_np)
             except (RuntimeError, MemoryError) as err:  # e.g. PML's lifted: B^3 memory
-                peer_ms = "OOM" if "memory" in str(err).lower() else "error"
+                failure = "OOM" if "memory" in str(err).lower() else "error"
         t_jax, floor, t_contr, t_peer = measure(jax_block, args.repeats, peer_block,
                                                 max(3, args.repeats // 3))
-        if peer is not None:
-            if t_peer is not None:
-                peer_ms, speedup = f"{t_peer * 1e3:.1f}", f"{t_peer / t_jax:.1f}x"
-            if comparable and t_peer is not None:
-                agree = "same" if abs(v_peer - v_jax) <= 1e-4 * max(1.0, abs(v_jax)) else (
-                    f"{v_jax:.4g}/{v_peer:.4g}")
         name_shown = f"{name} (pairs)" if layout == "pairs" else name
-        print(f"{name_shown:<26}{t_jax * 1e3:>11.1f}{peer_ms:>10}{speedup:>10}"
-              f"{t_jax / floor:>9.2f}{t_jax / t_contr:>9.2f}{agree:>10}")
+        print_row(name_shown, t_jax, t_peer, v_jax, v_peer if comparable else None, floor,
+                  t_contr, failure)
     for name, t_jax, t_peer, v_jax, v_peer, floor, t_contr in proxy_rows(
         args, e_np, y_np, contrastive["pk"]
     ):
-        peer_ms = speedup = agree = "-"
-        if t_peer is not None:
-            peer_ms, speedup = f"{t_peer * 1e3:.1f}", f"{t_peer / t_jax:.1f}x"
-            agree = "same" if abs(v_peer - v_jax) <= 1e-4 * max(1.0, abs(v_jax)) else (
-                f"{v_jax:.4g}/{v_peer:.4g}")
-        contr = "-" if t_contr is None else f"{t_jax / t_contr:.2f}"
-        print(f"{name:<26}{t_jax * 1e3:>11.1f}{peer_ms:>10}{speedup:>10}"
-              f"{t_jax / floor:>9.2f}{contr:>9}{agree:>10}")
+        print_row(name, t_jax, t_peer, v_jax, v_peer, floor, t_contr)
     if args.memory:
         memory_rows(args, e, y)
 

@@ -299,10 +299,20 @@ def _count_below(sorted_vals, d, strict):
     several times faster than a row-wise binary search (gathers) for a few hundred values.
     """
     below = jnp.less if strict else jnp.less_equal
-    count = jnp.zeros(d.shape, jnp.int32)
-    for lo in range(0, sorted_vals.shape[1], _COMPARE_CHUNK):
-        chunk = sorted_vals[:, None, lo:lo + _COMPARE_CHUNK]
-        count = count + jnp.sum(below(chunk, d[:, :, None]), axis=2, dtype=jnp.int32)
+    return _chunked_count(
+        sorted_vals.shape[1], lambda lo, hi: below(sorted_vals[:, None, lo:hi], d[:, :, None])
+    )
+
+
+def _chunked_count(width: int, counted: Callable[[int, int], jax.Array]) -> jax.Array:
+    """``sum over j < width of counted(j)``, int32 ``[b, W]``, where ``counted(lo, hi)`` gives
+    the booleans ``[b, W, hi - lo]`` of ``j`` in ``[lo, hi)``: in chunks of ``_COMPARE_CHUNK``,
+    each one fused reduction over its short minor axis (which XLA's CPU backend vectorises;
+    wider ones, or float sums, are many times slower)."""
+    count = None
+    for lo in range(0, width, _COMPARE_CHUNK):
+        part = jnp.sum(counted(lo, min(lo + _COMPARE_CHUNK, width)), axis=2, dtype=jnp.int32)
+        count = part if count is None else count + part
     return count
 
 
@@ -363,13 +373,14 @@ def _stable_order(values: jax.Array) -> jax.Array:
     """
     rows, n = values.shape
     index = jnp.arange(n, dtype=jnp.int32)
-    position = jnp.zeros((rows, n), jnp.int32)
-    for lo in range(0, n, _COMPARE_CHUNK):
-        other = values[:, None, lo:lo + _COMPARE_CHUNK]  # [b, 1, c]
-        mine = values[:, :, None]  # [b, S, 1]
-        earlier = index[None, None, lo:lo + _COMPARE_CHUNK] < index[None, :, None]
-        before = (other < mine) | ((other == mine) & earlier)
-        position = position + jnp.sum(before, axis=2, dtype=jnp.int32)
+    mine = values[:, :, None]  # [b, S, 1]
+
+    def before(lo, hi):  # slot j in [lo, hi) precedes slot s: [b, S, hi - lo]
+        other = values[:, None, lo:hi]
+        earlier = index[None, None, lo:hi] < index[None, :, None]
+        return (other < mine) | ((other == mine) & earlier)
+
+    position = _chunked_count(n, before)
     return jnp.zeros((rows, n), jnp.int32).at[jnp.arange(rows)[:, None], position].set(
         jnp.broadcast_to(index, (rows, n)), mode="promise_in_bounds"
     )
