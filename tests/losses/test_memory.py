@@ -243,16 +243,22 @@ def force_triplet_branch(monkeypatch, mining, branch):
     monkeypatch.setattr(triplet, "BUCKET_SIZES", (128,) if branch == "bucketed" else (0,))
 
 
-def mined_triplet(x, y, state, where, **kwargs):
-    """``triplet_loss`` without its jit cache (so patched branches are traced)."""
+def mined_triplet(x, y, state, where, *, as_plain_columns=False, sort_by_label=True,
+                  **kwargs):
+    """``triplet_loss`` without its jit cache (so patched branches are traced).
+
+    ``as_plain_columns``: the miner is not told which columns are the memory's (its
+    ``[b, B + M]`` view is mined as plain columns), which sends it to the slotted paths: a
+    memory view otherwise always takes the bucketed one."""
     from dml_jax.losses import _batch, triplet
     from dml_jax.losses.memory import with_memory
 
-    batch = _batch.pair_batch(x, y, where, None, sort_by_label=True)
-    batch = with_memory(batch, state, sort_by_label=True)
-    return triplet.triplet_from_distances(
-        _batch.distances_of(batch, None), batch, axis_name=None, **kwargs
-    )
+    batch = _batch.pair_batch(x, y, where, None, sort_by_label=sort_by_label)
+    batch = with_memory(batch, state, sort_by_label=sort_by_label)
+    d = _batch.distances_of(batch, None)
+    if as_plain_columns:
+        batch = batch._replace(memory=batch.memory[:0])
+    return triplet.triplet_from_distances(d, batch, axis_name=None, **kwargs)
 
 
 # The forced branches on a memory with empty slots and labels only in it, and on one with a
@@ -276,6 +282,24 @@ def test_forced_triplet_branches_match_loop_reference(mining, margin, branch, me
     )
     np.testing.assert_allclose(grad, expected_grad, **GRAD_TOL)
     assert np.all(np.asarray(grad)[~where] == 0)
+
+
+@pytest.mark.parametrize("mining", ["all", "semi_hard"])
+def test_a_memory_view_not_sorted_by_label_takes_the_fallback(mining, monkeypatch):
+    # The bucketed path finds each anchor's positives from the label-sorted columns; on a view
+    # whose columns are in their own order it must not run (NaN if it did) and the sort-based
+    # fallback must give the reference.
+    from dml_jax.losses import triplet
+
+    monkeypatch.setattr(triplet, TRIPLET_PATHS[mining][1], _nan_branch)
+    state, (mem_e, mem_y, valid, _) = memory_for("big_class")
+    entries = refm.memory_entries(mem_e, mem_y, valid)
+    e, y, where = loss_batch()
+    kwargs = {"mining": mining, "margin": 0.5}
+    value = mined_triplet(e, y, state, where, sort_by_label=False, **kwargs)
+    np.testing.assert_allclose(value, refm.triplet(e, y, entries, where=where, **kwargs),
+                               **VALUE_TOL)
+    assert np.isnan(mined_triplet(e, y, state, where, **kwargs))  # sorted: bucketed
 
 
 def tied_memory():
@@ -307,8 +331,9 @@ def test_triplet_branches_agree_on_ties(mining, margin, monkeypatch):
     for branch in ("slotted", "bucketed"):
         with monkeypatch.context() as patch:
             force_triplet_branch(patch, mining, branch)
-            out[branch] = jax.value_and_grad(
-                lambda x: mined_triplet(x, y, state, where, **kwargs))(e)
+            plain = branch == "slotted"
+            out[branch] = jax.value_and_grad(lambda x, plain=plain: mined_triplet(
+                x, y, state, where, as_plain_columns=plain, **kwargs))(e)
     np.testing.assert_allclose(out["bucketed"][0], out["slotted"][0], rtol=1e-6)
     np.testing.assert_allclose(out["bucketed"][1], out["slotted"][1], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(out["bucketed"][0],
@@ -322,6 +347,26 @@ def test_a_nonfinite_memory_row_gives_a_nan_triplet_loss_on_the_bucketed_path(mi
     e, y, where = loss_batch()
     bad = state._replace(embeddings=state.embeddings.at[5, 0].set(jnp.nan))
     assert np.isnan(losses.triplet_loss(e, y, where=where, memory=bad, mining=mining))
+
+
+@pytest.mark.parametrize("strict", [True, False])
+@pytest.mark.parametrize("finite", [0, 5, 33, 96, 128])
+def test_count_below_compares_only_the_chunks_with_finite_values(finite, strict):
+    # The bucketed miners count, per entry of d, the sorted slot values below it; the chunks
+    # of slots that are +inf in every row are skipped (a loop of run-time length).
+    from dml_jax.losses import triplet
+
+    rng = np.random.default_rng(finite)
+    values = np.full((6, 128), np.inf, np.float32)
+    for row, n in enumerate([finite, finite // 2, 0, finite, 1, finite]):
+        values[row, :n] = np.sort(rng.integers(0, 9, size=n) / 4)  # repeated values: ties
+    d = (rng.integers(0, 10, size=(6, 50)) / 4).astype(np.float32)
+    d[0, :3] = [0.0, 2.0, 9.0]
+    count = jax.jit(triplet._count_below, static_argnums=2)(
+        jnp.asarray(values), jnp.asarray(d), strict)
+    below = np.less if strict else np.less_equal
+    expected = below(values[:, None, :], d[:, :, None]).sum(axis=2)
+    np.testing.assert_array_equal(np.asarray(count), expected)
 
 
 @pytest.mark.parametrize("width", [32, 128, 512])
