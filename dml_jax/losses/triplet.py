@@ -345,6 +345,18 @@ def _row_gather(table: jax.Array, index: jax.Array) -> jax.Array:
     return table.reshape(-1).at[flat].get(mode="promise_in_bounds")
 
 
+def _row_scatter(table: jax.Array, index: jax.Array, values: jax.Array) -> jax.Array:
+    """``table`` ``[b, K]`` with ``table[a, index[a, s]] = values[a, s]`` (in-range int32
+    ``[b, S]`` indices, no two equal in a row). One flat scatter: XLA's CPU backend built a
+    ``[b S, 2]`` index array for the two-index one, and fused the indices' producer into
+    it (5 ms for :func:`_stable_order`'s positions at ``[1024, 128]``)."""
+    rows, size = table.shape
+    flat = index + size * jnp.arange(rows, dtype=jnp.int32)[:, None]
+    return table.reshape(-1).at[flat.reshape(-1)].set(
+        values.reshape(-1), mode="promise_in_bounds", unique_indices=True
+    ).reshape(rows, size)
+
+
 def _row_buckets(op, values, buckets, width, init):
     """``out[a, k] = op over n with buckets[a, n] == k of values[a, n]``: ``[b, width]``
     (``init`` where none). One flat scatter (faster on CPU than a two-index one)."""
@@ -420,9 +432,8 @@ def _stable_order(values: jax.Array) -> jax.Array:
         return (other < mine) | ((other == mine) & earlier)
 
     position = _chunked_count(n, before)
-    return jnp.zeros((rows, n), jnp.int32).at[jnp.arange(rows)[:, None], position].set(
-        jnp.broadcast_to(index, (rows, n)), mode="promise_in_bounds"
-    )
+    return _row_scatter(jnp.zeros((rows, n), jnp.int32), position,
+                        jnp.broadcast_to(index, (rows, n)))
 
 
 class _RunSlots(NamedTuple):
@@ -443,9 +454,8 @@ def _run_columns(values: jax.Array, runs: _RunSlots, width: int) -> jax.Array:
     (a ``[b, S]`` scatter), then one gather per entry from its offset in its run, fused into
     the caller's ``[b, W]`` pass (no zeroed ``[b, W]`` buffer, no ``[b, W]`` scatter)."""
     rows, slots = values.shape
-    in_run_order = jnp.zeros((rows, slots + 1), values.dtype).at[
-        jnp.arange(rows)[:, None], runs.order
-    ].set(values, mode="promise_in_bounds")  # column `slots`: 0, for the columns outside
+    # column `slots`: 0, for the columns outside the runs
+    in_run_order = _row_scatter(jnp.zeros((rows, slots + 1), values.dtype), runs.order, values)
     col = jnp.arange(width, dtype=jnp.int32)[None, :]
     first_b, first_m = runs.first_b[:, None], runs.first_m[:, None]
     in_b = (col >= first_b) & (col < first_b + runs.span_b[:, None])
