@@ -336,3 +336,14 @@ def test_transpose_sum_is_exactly_h_plus_its_transpose(first):
     want = h + np.swapaxes(h, 1, 2)
     np.testing.assert_array_equal(jax.jit(_batch.transpose_sum)(jnp.asarray(h[1])), want[1])
     np.testing.assert_array_equal(jax.jit(jax.vmap(_batch.transpose_sum))(jnp.asarray(h)), want)
+
+
+@pytest.mark.parametrize("shape", [(5,), (4, 3), (2, 3, 4)])
+@pytest.mark.parametrize("first", [0.5, np.nan, -np.inf])
+def test_materialise_is_the_identity_in_value_and_gradient(shape, first):
+    h = np.random.default_rng(1).normal(size=shape).astype(np.float32)
+    h.reshape(-1)[0] = first
+    np.testing.assert_array_equal(jax.jit(_batch.materialise)(jnp.asarray(h)), h)
+    w = np.random.default_rng(2).normal(size=shape).astype(np.float32)
+    grad = jax.jit(jax.grad(lambda x: jnp.sum(_batch.materialise(x) * w)))(jnp.asarray(h))
+    np.testing.assert_array_equal(grad, w)
