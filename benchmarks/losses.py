@@ -8,7 +8,9 @@ layout instead, ``B / 2`` classes of two consecutive rows). For each loss it pri
 median time, the peer's (pytorch-metric-learning on torch CPU, configured to the same semantics
 where one exists), the speed-up ``peer / dml_jax``, the ratio to the matmul floor (``e @ e.T``
 and one ``[B, B] @ [B, D]``, forward+backward in JAX), the ratio to the plain contrastive loss
-on the same batch (both timed alternately with the loss), and whether the two values agree. The
+on the same batch (both timed alternately with the loss; each timed call right after an
+untimed one of the same function, as the peer's calls follow each other), and whether the two
+values agree. The
 losses on learned class parameters (``benchmarks/losses_proxy.py``: Proxy-Anchor, ProxyNCA,
 ArcFace, CosFace, SoftTriple) get one parameter row per class (SoftTriple: 10) and both sides
 differentiate it too. By default glibc is told to keep freed memory first
@@ -73,6 +75,11 @@ def class_floor(e: jax.Array, params: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def _timed(fn: Callable, *args) -> float:
+    """Seconds of one call of ``fn``, right after an untimed one: the loss, its floor and the
+    baseline take turns, and a call after another function's (the 11 ms contrastive step
+    evicts a 3 ms proxy step's inputs from the caches) measured 10% slower than in a loop,
+    which is how the peer's calls run."""
+    jax.block_until_ready(fn(*args))
     t = time.perf_counter()
     jax.block_until_ready(fn(*args))
     return time.perf_counter() - t
@@ -94,7 +101,8 @@ def jax_timer(
     given: ``fn(e, y, params)``), and a block timer: ``block(n)`` times ``n`` calls, each
     followed by one of the matmul floor :func:`pair_floor` (``floor_cols``: the candidate
     columns, default ``e``; with ``params``: :func:`class_floor`) and one of the jitted step
-    ``baseline(e)`` (when given), so each ratio compares runs that saw the same machine state.
+    ``baseline(e)`` (when given), so each ratio compares runs that saw the same machine state;
+    each timed call follows an untimed one of the same function (:func:`_timed`).
     Returns the three lists of seconds (the last empty without ``baseline``)."""
     args = (e, y) if params is None else (e, y, params)
     step = jax.jit(jax.value_and_grad(lambda *a: fn(*a, **kwargs),
