@@ -212,7 +212,7 @@ def _softmax_weighted_mean(values: list[jax.Array], scale: float) -> jax.Array:
 
     The max is materialised (:func:`dml_jax.losses._batch.materialise`): fused into each of
     the ``K`` exponentials and their gradients, it read all ``K`` arrays in each (SoftTriple
-    at ``B = 1024``, ``C = 128``, ``K = 10``: 29.0 -> 25.4 ms per step)."""
+    at ``B = 1024``, ``C = 128``, ``K = 10``: 24.3 -> 23.3 ms per step, same-process A/B)."""
     top = jax.lax.stop_gradient(_batch.materialise(functools.reduce(jnp.maximum, values)))
     weights = [jnp.exp(scale * (v - top)) for v in values]
     total = functools.reduce(jnp.add, weights)
