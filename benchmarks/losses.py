@@ -86,9 +86,10 @@ def _timed(fn: Callable, *args) -> float:
 
 
 # Both sides are timed in ROUNDS alternating blocks, so a slow phase of a shared machine (they
-# last seconds) falls on both; each block starts after a pause and one untimed call, as the
-# other side's worker threads may still be spinning (torch's OpenMP threads slowed the first
-# two or three XLA calls after a torch block).
+# last seconds) falls on both; each block starts after a pause, and the first timed call after
+# an untimed one (a torch block's own, a JAX block's every call: see `_timed`), as the other
+# side's worker threads may still be spinning (torch's OpenMP threads slowed the first two or
+# three XLA calls after a torch block).
 ROUNDS = 3
 _SETTLE_S = 0.1
 
@@ -116,7 +117,6 @@ def jax_timer(
 
     def block(n: int) -> tuple[list, list, list]:
         time.sleep(_SETTLE_S)
-        jax.block_until_ready(step(*args))
         times, floors, bases = [], [], []
         for _ in range(n):
             times.append(_timed(step, *args))

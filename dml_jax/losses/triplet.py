@@ -306,10 +306,6 @@ def _count_below(sorted_vals, d, strict):
     """
     below = jnp.less if strict else jnp.less_equal
     width = sorted_vals.shape[1]
-    if width <= _COMPARE_CHUNK:
-        return _chunked_count(
-            width, lambda lo, hi: below(sorted_vals[:, None, lo:hi], d[:, :, None])
-        )
     padded = jnp.pad(sorted_vals, ((0, 0), (0, -width % _COMPARE_CHUNK)),
                      constant_values=jnp.inf)
 

@@ -350,14 +350,16 @@ def test_a_nonfinite_memory_row_gives_a_nan_triplet_loss_on_the_bucketed_path(mi
 
 
 @pytest.mark.parametrize("strict", [True, False])
-@pytest.mark.parametrize("finite", [0, 5, 33, 96, 128])
-def test_count_below_compares_only_the_chunks_with_finite_values(finite, strict):
+@pytest.mark.parametrize("width,finite", [(128, 0), (128, 5), (128, 33), (128, 96),
+                                          (128, 128), (20, 20), (100, 70), (100, 100)])
+def test_count_below_compares_only_the_chunks_with_finite_values(width, finite, strict):
     # The bucketed miners count, per entry of d, the sorted slot values below it; the chunks
-    # of slots that are +inf in every row are skipped (a loop of run-time length).
+    # of slots that are +inf in every row are skipped (a loop of run-time length), and a
+    # width that is no multiple of the chunk is padded with +inf.
     from dml_jax.losses import triplet
 
     rng = np.random.default_rng(finite)
-    values = np.full((6, 128), np.inf, np.float32)
+    values = np.full((6, width), np.inf, np.float32)
     for row, n in enumerate([finite, finite // 2, 0, finite, 1, finite]):
         values[row, :n] = np.sort(rng.integers(0, 9, size=n) / 4)  # repeated values: ties
     d = (rng.integers(0, 10, size=(6, 50)) / 4).astype(np.float32)
