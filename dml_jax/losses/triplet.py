@@ -17,8 +17,10 @@ first positive that holds all its positives, i.e. about the batch's largest clas
 the terms are then decided against every negative in ``O(b S B)`` work, reduced per slot over
 transposed ``32 x 32`` blocks of columns in int32 (:func:`_per_slot`: on XLA's CPU backend a
 reduction over whole rows materialised the ``[b, S, B]`` terms, and one over more than 1024
-columns at once ran 20-40 times slower), and the slots' values reach their columns inside the
-``[b, B]`` coefficient pass (:func:`_slot_columns`). A batch with a class of
+columns at once ran 20-40 times slower); the coefficient pass writes the negatives' entries
+and the slots' values are added at their columns by one ``[b, S]`` scatter into its output
+(:func:`_add_to_slots`; a symmetric view's transposed slots by one ``[b, S]`` gather,
+:func:`_slots_transposed`). A batch with a class of
 more than 32 rows takes a sort-based path instead (each anchor's negative distances sorted once,
 then binary searches: ``O(B^2 log B)`` work, ``O(B^2)`` memory, 128 rows at a time:
 :func:`_by_row_chunks`). XLA's CPU sort of a
@@ -93,21 +95,29 @@ def _scatter_rows(values: jax.Array, cols: jax.Array, width: int) -> jax.Array:
     return jnp.zeros((values.shape[0], width), jnp.float32).at[rows, cols].add(values)
 
 
-def _slot_columns(values: jax.Array, start: jax.Array, width: int, *,
-                  transposed: bool = False) -> jax.Array:
-    """:func:`_scatter_rows` for the contiguous slots ``cols[a, s] = start[a] + s`` (slots
-    past the last column are dropped), as ``S`` element-wise selects that fuse into the
-    caller's ``[b, B]`` pass (no zeroed ``[b, B]`` buffer, no scatter): ``out[a, n] =
-    values[a, n - start[a]]``. ``transposed``: the transpose, ``[B, b]`` with
-    ``out[n, a] = values[a, n - start[a]]`` (``b == B``)."""
-    columns = jnp.arange(width, dtype=jnp.int32)
-    if transposed:
-        offset = columns[:, None] - start[None, :]
-        picks = [values[None, :, s] for s in range(values.shape[1])]
-    else:
-        offset = columns[None, :] - start[:, None]
-        picks = [values[:, s:s + 1] for s in range(values.shape[1])]
-    return functools.reduce(jnp.add, [jnp.where(offset == s, v, 0.0) for s, v in enumerate(picks)])
+def _add_to_slots(dense: jax.Array, values: jax.Array, start: jax.Array) -> jax.Array:
+    """``dense`` ``[b, B]`` plus the slot ``values`` ``[b, S]`` at columns ``start[a] + s``
+    (slots past the last column must hold 0): one ``[b, S]`` scatter-add into ``dense``'s
+    buffer. Selecting each entry's slot inside the ``[b, B]`` pass instead (``S`` compares
+    and selects per entry, twice for a symmetric view) took half of that pass's time."""
+    rows, width = dense.shape
+    cols = jnp.minimum(start[:, None] + jnp.arange(values.shape[1], dtype=jnp.int32), width - 1)
+    # Two-index: a flat scatter would make the fusion writing ``dense`` produce it flat, and
+    # on XLA's CPU backend that fusion then recovers each entry's row and column by division.
+    row = jnp.arange(rows, dtype=jnp.int32)[:, None]
+    return dense.at[row, cols].add(values, mode="promise_in_bounds")
+
+
+def _slots_transposed(values: jax.Array, start: jax.Array, filled: jax.Array) -> jax.Array:
+    """The slot values of the transposed pairs: ``out[a, s] = values[n, a - start[n]]`` for
+    ``n = start[a] + s`` where ``filled[a, s]`` (``n`` a positive of ``a``, so ``a`` one of
+    ``n``'s, in its window; ``b == B``), else 0. ``[b, S]``, one gather."""
+    rows, slots = values.shape
+    n = jnp.minimum(start[:, None] + jnp.arange(slots, dtype=jnp.int32), rows - 1)
+    offset = jnp.arange(rows, dtype=jnp.int32)[:, None] - start[n]
+    offset = jnp.where(filled, offset, 0)
+    picked = values.reshape(-1).at[n * slots + offset].get(mode="promise_in_bounds")
+    return jnp.where(filled, picked, 0.0)
 
 
 def _symmetrised(coef: jax.Array) -> jax.Array:
@@ -121,10 +131,14 @@ def _slot_choice(pos: jax.Array, pos_count: jax.Array) -> tuple[jax.Array, jax.A
     positives (``len(SLOT_SIZES)`` when none does).
 
     A window holds a row's positives iff it holds ``pos_count`` of them (``sum(pos, 1)``), so
-    one ``argmax`` and a ``[b, 32]`` gather decide, instead of the span between each row's
-    first and last positive (a second, reversed ``argmax`` over the ``[b, W]`` mask).
+    one min-reduction (the first positive) and a ``[b, 32]`` gather decide, instead of the
+    span between each row's first and last positive (a second reduction over the mask).
     """
-    start = jnp.argmax(pos, axis=1).astype(jnp.int32)
+    width = pos.shape[1]
+    # The first positive as a min-reduction of column indices (argmax's variadic reduction
+    # runs scalar on XLA's CPU backend); 0 without one, as argmax.
+    first = jnp.min(jnp.where(pos, jnp.arange(width, dtype=jnp.int32)[None, :], width), axis=1)
+    start = jnp.where(first < width, first, 0)
     _, hits = _window(pos, start, max(SLOT_SIZES))
     within = jnp.pad(  # [b, 33]: column s holds the positives in [start, start + s)
         jnp.cumsum(hits, axis=1, dtype=jnp.int32), ((0, 0), (1, 0))
@@ -203,18 +217,15 @@ def _all_slotted(d, batch, start, margin, slots, symmetric=False):
     def count_negative(thresholds):  # [b, B]: the S slots unrolled
         return functools.reduce(jnp.add, [(t > neg_d).astype(jnp.float32) for t in thresholds])
 
-    coef = _slot_columns(per_positive, start, d.shape[1]) - count_negative(
-        [threshold[:, s:s + 1] for s in range(slots)]  # each row's thresholds, [b, 1]
-    )
+    negative = count_negative([threshold[:, s:s + 1] for s in range(slots)])  # each row's, [b, 1]
+    positive = per_positive
     if symmetric:  # (C + C^T) / 2 without a transpose: C^T's entry (a, n) is C's (n, a), whose
         # negative count compares the same neg_d[a, n] (d and neg symmetric) with column n's
-        # thresholds, [1, B]
-        coef = 0.5 * (coef + _slot_columns(
-            per_positive, start, d.shape[1], transposed=True
-        ) - count_negative(
-            [threshold[None, :, s] for s in range(slots)]
-        ))
-    return coef, jnp.sum(per_positive)
+        # thresholds, [1, B]; a positive pair's is slot a - start[n] of row n
+        negative = 0.5 * (negative + count_negative([threshold[None, :, s] for s in range(slots)]))
+        positive = 0.5 * (positive + _slots_transposed(per_positive, start, filled))
+    # The positives' entries of -negative are 0: the slots are added there.
+    return _add_to_slots(-negative, jnp.where(filled, positive, 0.0), start), jnp.sum(per_positive)
 
 
 def _all_sorted(d, batch, margin):
@@ -266,20 +277,21 @@ def _semi_hard_slotted(d, batch, start, margin, slots, symmetric=False):
             jnp.where(neg_d == c, w, 0.0) for c, w in zip(closest, w_close, strict=True)
         ]) + jnp.where(batch.neg & (d == farthest), w_far, 0.0)
 
-    active = active.astype(jnp.float32)
-    coef = _slot_columns(active, start, d.shape[1]) - negative_coef(
+    negative = negative_coef(
         [closest[:, k:k + 1] for k in range(slots)], [w_close[:, k:k + 1] for k in range(slots)],
         farthest[:, None], w_far[:, None],
     )
+    active = active.astype(jnp.float32)
+    positive = active
     if symmetric:  # (C + C^T) / 2 without a transpose, as in `_all_slotted`: C^T's entry
         # (a, n) is C's (n, a), the same neg_d[a, n] against column n's slots, [1, B]
-        coef = 0.5 * (coef + _slot_columns(
-            active, start, d.shape[1], transposed=True
-        ) - negative_coef(
+        negative = 0.5 * (negative + negative_coef(
             [closest[None, :, k] for k in range(slots)],
             [w_close[None, :, k] for k in range(slots)], farthest[None, :], w_far[None, :],
         ))
-    return coef, jnp.sum(active)
+        positive = 0.5 * (positive + _slots_transposed(active, start, filled))
+    # The positives' entries of -negative are 0: the slots are added there.
+    return _add_to_slots(-negative, jnp.where(filled, positive, 0.0), start), jnp.sum(active)
 
 
 def _semi_hard_sorted(d, batch, margin):
