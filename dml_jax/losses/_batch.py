@@ -371,14 +371,17 @@ def squared_distances_of(
     return _squared_from_gram(*gram(batch, axis_name, normalize=normalize, symmetric=symmetric))
 
 
-def _distance_cotangent(s: jax.Array, d: jax.Array, squared: bool) -> jax.Array:
-    """``T`` with ``dL/dx_i = sum_j T_ij (x_i - y_j)`` (``x_i``'s part as a row) from the
-    cotangent ``s`` of the distances ``d``: ``s / d`` (0 where ``d = 0``, as ``safe_sqrt``'s
-    gradient), ``2 s`` for squared distances."""
+def _distance_cotangent(s: jax.Array, d: jax.Array, squared: bool) -> tuple[jax.Array, float]:
+    """``(T, c)`` with ``dL/dx_i = c sum_j T_ij (x_i - y_j)`` (``x_i``'s part as a row) from the
+    cotangent ``s`` of the distances ``d``: ``T = s / d`` (0 where ``d = 0``, as
+    ``safe_sqrt``'s gradient) and ``c = 1``; for squared distances ``T = s`` and ``c = 2``.
+    The factor 2 goes on the ``[b, D]`` results, not on ``s``: XLA's CPU backend hands the
+    ``[b, W]`` operand of a product fusion a materialised array of 2s to multiply by (the same
+    values bit for bit, as scaling by 2 is exact)."""
     if squared:
-        return 2.0 * s
+        return s, 2.0
     positive = d > 0
-    return jnp.where(positive, s / jnp.where(positive, d, 1.0), 0.0)
+    return jnp.where(positive, s / jnp.where(positive, d, 1.0), 0.0), 1.0
 
 
 def _self_distances_fwd(x: jax.Array, squared: bool):
@@ -393,9 +396,9 @@ def _self_distances_bwd(squared: bool, residuals, s: jax.Array):
     # with t = s / d (0 where d = 0, as safe_sqrt's gradient; squared: t = 2 s), i.e.
     # 2 (x * rowsum(t) - t @ x): one product.
     x, d = residuals
-    t = _distance_cotangent(s, d, squared)
+    t, scale = _distance_cotangent(s, d, squared)
     product = jnp.matmul(t, x, precision=jax.lax.Precision.HIGHEST)
-    return (2.0 * (x * jnp.sum(t, axis=1)[:, None] - product),)
+    return ((2.0 * scale) * (x * jnp.sum(t, axis=1)[:, None] - product),)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
@@ -406,7 +409,8 @@ def self_distances(x: jax.Array, squared: bool = False) -> jax.Array:
     symmetric (see :func:`self_gram`).
 
     The gradient is ``2 (x * rowsum(T) - T @ x)`` with ``T = S / d`` (0 where ``d = 0``, as
-    :func:`dml_jax.distances.safe_sqrt`'s gradient; ``T = 2 S`` for squared distances): one
+    :func:`dml_jax.distances.safe_sqrt`'s gradient; for squared distances ``T = 2 S``, computed
+    as ``4 (x * rowsum(S) - S @ x)``, see :func:`_distance_cotangent`): one
     elementwise pass, one row sum and one product, where autodiff through the Gram matrix and
     the norms passes over ``[B, B]`` a few times more (the norms' row and column sums, the
     clamp's and the square root's masks).
@@ -438,11 +442,11 @@ def _memory_distances_bwd(squared, residuals, s):
     # dy_j = sum_i t_ij (y_j - x_i), with t as in `_distance_cotangent`: the row and column
     # sums of t times the points, minus the Gram matrix's gradient for the cotangent t.
     rows, cols, every, d = residuals
-    t = _distance_cotangent(s, d, squared)
+    t, scale = _distance_cotangent(s, d, squared)
     g_rows, g_cols, g_memory = _memory_gram_bwd((rows, cols, every), t)
     t_cols = t[:, :cols.shape[0]]
-    return (rows * jnp.sum(t, axis=1)[:, None] - g_rows,
-            cols * jnp.sum(t_cols, axis=0)[:, None] - g_cols, g_memory)
+    return (scale * (rows * jnp.sum(t, axis=1)[:, None] - g_rows),
+            scale * (cols * jnp.sum(t_cols, axis=0)[:, None] - g_cols), g_memory)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
