@@ -44,17 +44,24 @@ PAIR_LAYOUT = ("npair", "angular", "symm")
 
 
 def cpu_description() -> str:
-    """The CPU model and whether it has AVX-512 (ratios move with it), from /proc/cpuinfo."""
-    model, avx512 = platform.processor() or platform.machine(), False
+    """The CPU model (with its family and model numbers: a VM may name only the vendor line, as
+    "AMD EPYC" for several generations) and whether it has AVX-512 (ratios move with both),
+    from /proc/cpuinfo."""
+    model, avx512, numbers = platform.processor() or platform.machine(), False, {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name") and model in ("", platform.machine(), "x86_64"):
+                key = line.split(":", 1)[0].strip()
+                if key == "model name" and model in ("", platform.machine(), "x86_64"):
                     model = line.split(":", 1)[1].strip()
-                if line.startswith("flags"):
+                if key in ("cpu family", "model") and key not in numbers:
+                    numbers[key] = line.split(":", 1)[1].strip()
+                if key == "flags":
                     avx512 = avx512 or "avx512f" in line.split()
     except OSError:
         pass
+    if numbers:
+        model += f" (family {numbers.get('cpu family', '?')}, model {numbers.get('model', '?')})"
     return f"{model}, {'AVX-512' if avx512 else 'no AVX-512'}"
 
 
