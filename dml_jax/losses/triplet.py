@@ -44,9 +44,9 @@ number of negatives in the buckets below it (one flat ``[b, W]`` scatter-add int
 scatter-min), whose reverse cumulative minimum is each positive's closest harder negative; the
 chosen negatives are marked by value (bucket minima, one gather), tied ones sharing the
 coefficient as in the slotted path (one more scatter-add counts the ties, one gather hands the
-coefficients back). The sorted slots' own values reach their columns by one gather per entry
-from its offset in its run (:func:`_run_columns`): ``O(b S W)`` comparisons and ``O(b W)``
-scatters and gathers, a few
+coefficients back). The sorted slots' own values are added at their columns by one
+``[b, S]`` scatter into the coefficient pass's output (:func:`_add_to_runs`): ``O(b S W)``
+comparisons and ``O(b W)`` scatters and gathers, a few
 ``[b, W]`` arrays, no ``[b, W]`` sort. Only an anchor whose two runs span more than 512 columns
 (a class with that many rows in the batch and memory), or columns not sorted by label, send
 the view to the sort-based path (``O(b W log W)``, several ``[b, W]`` arrays).
@@ -464,21 +464,19 @@ class _RunSlots(NamedTuple):
     order: jax.Array
 
 
-def _run_columns(values: jax.Array, runs: _RunSlots, width: int) -> jax.Array:
-    """:func:`_scatter_rows` of sorted-slot ``values`` ``[b, S]`` to their columns, ``[b, W]``
-    (0 outside the runs; slots past both runs must hold 0): the values put back in run order
-    (a ``[b, S]`` scatter), then one gather per entry from its offset in its run, fused into
-    the caller's ``[b, W]`` pass (no zeroed ``[b, W]`` buffer, no ``[b, W]`` scatter)."""
-    rows, slots = values.shape
-    # column `slots`: 0, for the columns outside the runs
-    in_run_order = _row_scatter(jnp.zeros((rows, slots + 1), values.dtype), runs.order, values)
-    col = jnp.arange(width, dtype=jnp.int32)[None, :]
-    first_b, first_m = runs.first_b[:, None], runs.first_m[:, None]
-    in_b = (col >= first_b) & (col < first_b + runs.span_b[:, None])
-    in_m = (col >= first_m) & (col < first_m + runs.span_m[:, None])
-    offset = jnp.where(in_b, col - first_b,
-                       jnp.where(in_m, runs.span_b[:, None] + col - first_m, slots))
-    return _row_gather(in_run_order, offset)
+def _add_to_runs(dense: jax.Array, values: jax.Array, runs: _RunSlots) -> jax.Array:
+    """``dense`` ``[b, W]`` plus the sorted-slot ``values`` ``[b, S]`` at their columns (slots
+    past both runs must hold 0): sorted slot ``s`` is run slot ``o = runs.order[a, s]``, column
+    ``first_b + o`` for ``o < span_b``, else ``first_m + o - span_b``. One two-index ``[b, S]``
+    scatter-add into ``dense``'s buffer (as :func:`_add_to_slots`), where gathering each
+    entry's value from its offset in its run cost the ``[b, W]`` coefficient pass a gather per
+    entry."""
+    o = runs.order
+    cols = jnp.where(o < runs.span_b[:, None], runs.first_b[:, None] + o,
+                     runs.first_m[:, None] + o - runs.span_b[:, None])
+    cols = jnp.clip(cols, 0, dense.shape[1] - 1)  # only slots past both runs (values 0)
+    row = jnp.arange(dense.shape[0], dtype=jnp.int32)[:, None]
+    return dense.at[row, cols].add(values, mode="promise_in_bounds")
 
 
 def _all_bucketed(d, batch, margin, runs, slots):
@@ -494,7 +492,7 @@ def _all_bucketed(d, batch, margin, runs, slots):
     hist = _row_buckets("add", batch.neg.astype(jnp.int32), below, slots + 1, 0)
     per_positive = jnp.where(filled, jnp.cumsum(hist, axis=1)[:, :slots], 0)
     per_positive = per_positive.astype(jnp.float32)
-    coef = _run_columns(per_positive, runs, d.shape[1]) - per_negative
+    coef = _add_to_runs(-per_negative, per_positive, runs)  # positives' entries: -0
     return coef, jnp.sum(per_positive)
 
 
@@ -503,7 +501,7 @@ def _semi_hard_bucketed(d, batch, margin, runs, slots):
     bucket (how many positives are closer), per-bucket minima (a scatter-min), the closest
     harder negative of each positive as a reverse cumulative minimum over the buckets above
     it. Ties as :func:`_semi_hard_slotted`. ``O(b S W)`` comparisons, two ``[b, W]``
-    scatters and three ``[b, W]`` gathers."""
+    scatters and two ``[b, W]`` gathers."""
     d_ap, filled, runs = _pack_runs(d, batch, runs, slots)
     bucket = _count_below(d_ap, d, strict=True)  # #positives with d_ap < d_an, in [0, S]
     neg_d = jnp.where(batch.neg, d, jnp.inf)
@@ -531,7 +529,7 @@ def _semi_hard_bucketed(d, batch, margin, runs, slots):
     neg_coef = jnp.where(is_min, _row_gather(per_bucket, bucket), 0.0)
     neg_coef = neg_coef + w_far[:, None] * hit_far
     active = active.astype(jnp.float32)
-    return _run_columns(active, runs, d.shape[1]) - neg_coef, jnp.sum(active)
+    return _add_to_runs(-neg_coef, active, runs), jnp.sum(active)  # positives': -0
 
 
 def _by_row_chunks(fallback, d, batch, margin):
