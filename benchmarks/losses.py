@@ -8,9 +8,10 @@ layout instead, ``B / 2`` classes of two consecutive rows). For each loss it pri
 median time, the peer's (pytorch-metric-learning on torch CPU, configured to the same semantics
 where one exists), the speed-up ``peer / dml_jax``, the ratio to the matmul floor (``e @ e.T``
 and one ``[B, B] @ [B, D]``, forward+backward in JAX), the ratio to the plain contrastive loss
-on the same batch (both timed alternately with the loss; each timed call right after an
-untimed one of the same function, as the peer's calls follow each other), and whether the two
-values agree. The
+on the same batch (both timed alternately with the loss, each ratio the median over the loss's
+calls of its time over the floor's / contrastive's call right after it; each timed call right
+after an untimed one of the same function, as the peer's calls follow each other), and whether
+the two values agree. The
 losses on learned class parameters (``benchmarks/losses_proxy.py``: Proxy-Anchor, ProxyNCA,
 ArcFace, CosFace, SoftTriple) get one parameter row per class (SoftTriple: 10) and both sides
 differentiate it too. By default glibc is told to keep freed memory first
@@ -167,9 +168,14 @@ def torch_timer(loss_obj, miner, e_np: np.ndarray, y_np: np.ndarray
 
 def measure(jax_block: Callable, repeats: int, peer_block: Callable | None = None,
             peer_repeats: int = 0) -> tuple[float, float, float | None, float | None]:
-    """Medians ``(loss, floor, baseline or None, peer or None)`` in seconds over
-    :data:`ROUNDS` rounds of a JAX block and a peer block (``repeats`` and ``peer_repeats``
-    calls in all)."""
+    """``(loss, floor, baseline or None, peer or None)`` in seconds over :data:`ROUNDS` rounds
+    of a JAX block and a peer block (``repeats`` and ``peer_repeats`` calls in all): the
+    medians of the loss's and the peer's times, and the floor and baseline as the loss's median
+    over the median of the paired ratios (each loss call over the floor / baseline call right
+    after it), so that ``loss / floor`` is that median ratio. A ratio of two separate medians
+    moved by a third between runs on a shared VM (the triplet all row: 1.25-1.65x the floor,
+    while its ratio to the contrastive baseline stayed at 1.24-1.29): a slow phase shorter than
+    a block moves one median and not the other; each pair saw the same phase."""
     times, floors, bases, peer = [], [], [], []
     for _ in range(ROUNDS):
         t, f, b = jax_block(-(-repeats // ROUNDS))
@@ -178,8 +184,12 @@ def measure(jax_block: Callable, repeats: int, peer_block: Callable | None = Non
         bases += b
         if peer_block is not None:
             peer += peer_block(-(-peer_repeats // ROUNDS))
-    return (statistics.median(times), statistics.median(floors),
-            statistics.median(bases) if bases else None,
+    loss = statistics.median(times)
+
+    def paired(others: list) -> float:
+        return loss / statistics.median([t / o for t, o in zip(times, others, strict=True)])
+
+    return (loss, paired(floors), paired(bases) if bases else None,
             statistics.median(peer) if peer else None)
 
 
@@ -341,9 +351,9 @@ def main() -> None:
           f"jax {jax.__version__} on {jax.devices()[0].platform}; {torch_info}; host memory: "
           f"{'retained (dml_jax.host_memory)' if retained else 'default allocator settings'}")
     print(f"# B={args.batch}, D={args.dim}, {args.per_class} per class; median of "
-          f"{args.repeats}; x floor = loss / (e @ e.T and one [B, B] @ [B, D], jitted, timed "
-          "alternately with each loss; for the losses on class parameters p [C, D]: e @ p.T and "
-          "the two backward products)")
+          f"{args.repeats}; x floor = median over calls of loss / the floor's call right after "
+          "it (e @ e.T and one [B, B] @ [B, D], jitted; for the losses on class parameters "
+          "p [C, D]: e @ p.T and the two backward products); x contr. likewise")
     print(f"{'loss':<26}{'dml_jax ms':>11}{'peer ms':>10}{'speed-up':>10}{'x floor':>9}"
           f"{'x contr.':>9}{'values':>10}")
     for name, (fn, peer, comparable) in peers().items():
