@@ -404,8 +404,8 @@ def memory_rows(args, e: jax.Array, y: jax.Array) -> None:
     state = losses.xbm_update(losses.xbm_init(m, args.dim), jnp.asarray(mem_e),
                               jnp.asarray(rng.choice(np.asarray(y), size=m)))
     cols = jnp.concatenate([e, state.embeddings])
-    print(f"# with a full cross-batch memory of M = {m}: x floor = loss / (e @ [e; memory].T "
-          "and one [B, B + M] @ [B + M, D])")
+    print(f"# with a full cross-batch memory of M = {m}: x floor = median over calls of loss / "
+          "the floor's call right after it (e @ [e; memory].T and one [B, B + M] @ [B + M, D])")
     for name, (fn, kwargs) in MEMORY_LOSSES.items():
         t_jax, floor, _, _ = measure(
             jax_timer(fn, e, y, floor_cols=cols, memory=state, **kwargs)[1], args.repeats
