@@ -19,7 +19,7 @@ transposed ``32 x 32`` blocks of columns in int32 (:func:`_per_slot`: on XLA's C
 reduction over whole rows materialised the ``[b, S, B]`` terms, and one over more than 1024
 columns at once ran 20-40 times slower); the coefficient pass writes the negatives' entries
 and the slots' values are added at their columns by one ``[b, S]`` scatter into its output
-(:func:`_add_to_slots`; a symmetric view's transposed slots by one ``[b, S]`` gather,
+(:func:`_add_at_columns`; a symmetric view's transposed slots by one ``[b, S]`` gather,
 :func:`_slots_transposed`). A batch with a class of
 more than 32 rows takes a sort-based path instead (each anchor's negative distances sorted once,
 then binary searches: ``O(B^2 log B)`` work, ``O(B^2)`` memory, 128 rows at a time:
@@ -45,7 +45,7 @@ scatter-min), whose reverse cumulative minimum is each positive's closest harder
 chosen negatives are marked by value (bucket minima, one gather), tied ones sharing the
 coefficient as in the slotted path (one more scatter-add counts the ties, one gather hands the
 coefficients back). The sorted slots' own values are added at their columns by one
-``[b, S]`` scatter into the coefficient pass's output (:func:`_add_to_runs`): ``O(b S W)``
+``[b, S]`` scatter into the coefficient pass's output (:func:`_add_at_columns`): ``O(b S W)``
 comparisons and ``O(b W)`` scatters and gathers, a few
 ``[b, W]`` arrays, no ``[b, W]`` sort. Only an anchor whose two runs span more than 512 columns
 (a class with that many rows in the batch and memory), or columns not sorted by label, send
@@ -56,7 +56,6 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -104,24 +103,14 @@ def _scatter_rows(values: jax.Array, cols: jax.Array, width: int) -> jax.Array:
     return _add_at_columns(jnp.zeros((values.shape[0], width), jnp.float32), cols, values)
 
 
-def _add_to_slots(dense: jax.Array, values: jax.Array, start: jax.Array) -> jax.Array:
-    """``dense`` ``[b, B]`` plus the slot ``values`` ``[b, S]`` at columns ``start[a] + s``
-    (slots past the last column must hold 0), by :func:`_add_at_columns`. Selecting each
-    entry's slot inside the ``[b, B]`` pass instead (``S`` compares and selects per entry,
-    twice for a symmetric view) took half of that pass's time."""
-    slot = jnp.arange(values.shape[1], dtype=jnp.int32)
-    return _add_at_columns(dense, jnp.minimum(start[:, None] + slot, dense.shape[1] - 1), values)
-
-
-def _slots_transposed(values: jax.Array, start: jax.Array, filled: jax.Array) -> jax.Array:
+def _slots_transposed(values: jax.Array, start: jax.Array, cols: jax.Array,
+                      filled: jax.Array) -> jax.Array:
     """The slot values of the transposed pairs: ``out[a, s] = values[n, a - start[n]]`` for
-    ``n = start[a] + s`` where ``filled[a, s]`` (``n`` a positive of ``a``, so ``a`` one of
-    ``n``'s, in its window; ``b == B``), else 0. ``[b, S]``, one gather."""
+    the window's column ``n = cols[a, s]`` where ``filled[a, s]`` (``n`` a positive of ``a``,
+    so ``a`` one of ``n``'s, in its window; ``b == B``), else 0. ``[b, S]``, one gather."""
     rows, slots = values.shape
-    n = jnp.minimum(start[:, None] + jnp.arange(slots, dtype=jnp.int32), rows - 1)
-    offset = jnp.arange(rows, dtype=jnp.int32)[:, None] - start[n]
-    offset = jnp.where(filled, offset, 0)
-    picked = values.reshape(-1).at[n * slots + offset].get(mode="promise_in_bounds")
+    offset = jnp.where(filled, jnp.arange(rows, dtype=jnp.int32)[:, None] - start[cols], 0)
+    picked = values.reshape(-1).at[cols * slots + offset].get(mode="promise_in_bounds")
     return jnp.where(filled, picked, 0.0)
 
 
@@ -155,13 +144,14 @@ def _slot_choice(pos: jax.Array, pos_count: jax.Array) -> tuple[jax.Array, jax.A
 
 def _pack_positives(d, batch, start, slots):
     """Each row's positives in ``slots`` slots, columns ``start + s``: ``(d_ap [b, S], filled
-    [b, S])`` (an unfilled slot's ``d_ap`` is arbitrary).
+    [b, S], cols [b, S])`` (an unfilled slot's ``d_ap`` is arbitrary; ``cols`` as
+    :func:`_window`'s).
 
     A row's positives must lie in the ``slots`` columns from ``start``, its first positive
     (true with label-sorted columns when no label has more than ``slots`` valid rows).
     """
     cols, filled = _window(batch.pos, start, slots)
-    return jnp.take_along_axis(d, cols, axis=1), filled
+    return jnp.take_along_axis(d, cols, axis=1), filled, cols
 
 
 def _window(pos: jax.Array, start: jax.Array, slots: int) -> tuple[jax.Array, jax.Array]:
@@ -212,7 +202,7 @@ def _per_slot(op, compare, thresholds, blocks):
 
 
 def _all_slotted(d, batch, start, margin, slots, symmetric=False):
-    d_ap, filled = _pack_positives(d, batch, start, slots)
+    d_ap, filled, cols = _pack_positives(d, batch, start, slots)
     threshold = jnp.where(filled, d_ap + margin, -jnp.inf)  # an empty slot is never active
     neg_d = jnp.where(batch.neg, d, jnp.inf)  # a non-negative never is
     per_positive = _per_slot(  # [b, S]: each positive's active negatives
@@ -228,9 +218,11 @@ def _all_slotted(d, batch, start, margin, slots, symmetric=False):
         # negative count compares the same neg_d[a, n] (d and neg symmetric) with column n's
         # thresholds, [1, B]; a positive pair's is slot a - start[n] of row n
         negative = 0.5 * (negative + count_negative([threshold[None, :, s] for s in range(slots)]))
-        positive = 0.5 * (positive + _slots_transposed(per_positive, start, filled))
-    # The positives' entries of -negative are 0: the slots (0 where unfilled) are added there.
-    return _add_to_slots(-negative, positive, start), jnp.sum(per_positive)
+        positive = 0.5 * (positive + _slots_transposed(per_positive, start, cols, filled))
+    # The positives' entries of -negative are 0: the slots (0 where unfilled, so also at a
+    # clipped column) are added there. Selecting each entry's slot inside the pass instead
+    # (S compares and selects per entry, twice for a symmetric view) took half its time.
+    return _add_at_columns(-negative, cols, positive), jnp.sum(per_positive)
 
 
 def _all_sorted(d, batch, margin):
@@ -255,7 +247,7 @@ def _semi_hard_terms(d, batch, d_ap, filled, pos_cols, neg_cols, margin):
 
 
 def _semi_hard_slotted(d, batch, start, margin, slots, symmetric=False):
-    d_ap, filled = _pack_positives(d, batch, start, slots)
+    d_ap, filled, cols = _pack_positives(d, batch, start, slots)
     neg_d = jnp.where(batch.neg, d, -jnp.inf)  # a non-negative is never harder
     blocks = _column_blocks(neg_d, -jnp.inf)
     closest = _per_slot(  # [b, S]: the closest negative farther than each positive (> 0,
@@ -294,9 +286,9 @@ def _semi_hard_slotted(d, batch, start, margin, slots, symmetric=False):
             [closest[None, :, k] for k in range(slots)],
             [w_close[None, :, k] for k in range(slots)], farthest[None, :], w_far[None, :],
         ))
-        positive = 0.5 * (positive + _slots_transposed(active, start, filled))
-    # The positives' entries of -negative are 0: the slots (0 where unfilled) are added there.
-    return _add_to_slots(-negative, positive, start), jnp.sum(active)
+        positive = 0.5 * (positive + _slots_transposed(active, start, cols, filled))
+    # The positives' entries of -negative are 0: the slots are added there (as "all").
+    return _add_at_columns(-negative, cols, positive), jnp.sum(active)
 
 
 def _semi_hard_sorted(d, batch, margin):
@@ -413,8 +405,9 @@ def _label_runs(batch, split):
 
 def _pack_runs(d, batch, runs, slots):
     """Each row's positives, in ``slots`` slots taken from its two runs (``runs``: see
-    :func:`_label_runs`), sorted by distance: ``(d_ap [b, S], filled [b, S], runs)``
-    (unfilled: ``inf``; the returned ``runs``: a :class:`_RunSlots`).
+    :func:`_label_runs`), sorted by distance: ``(d_ap [b, S], filled [b, S], cols [b, S])``
+    (unfilled: ``inf``; ``cols``: each sorted slot's column, clipped to the last one past
+    both runs).
 
     A row's positives must lie in its two runs, and the runs' spans sum to at most ``slots``
     (true for label-sorted batch and memory columns when no label has that many positives).
@@ -430,7 +423,7 @@ def _pack_runs(d, batch, runs, slots):
     order = _stable_order(d_ap)
     d_ap = jnp.take_along_axis(d_ap, order, axis=1, mode="promise_in_bounds")
     filled = jnp.take_along_axis(filled, order, axis=1, mode="promise_in_bounds")
-    return d_ap, filled, _RunSlots(first_b, span_b, first_m, span_m, order)
+    return d_ap, filled, _row_gather(cols, order)
 
 
 def _stable_order(values: jax.Array) -> jax.Array:
@@ -457,36 +450,11 @@ def _stable_order(values: jax.Array) -> jax.Array:
                         jnp.broadcast_to(index, (rows, n)))
 
 
-class _RunSlots(NamedTuple):
-    """Where :func:`_pack_runs`' sorted slots came from: the two runs (``[b]`` each) and each
-    sorted slot's index before the sort, ``order`` ``[b, S]`` (slot ``s`` of the runs is
-    column ``first_b + s`` for ``s < span_b``, else ``first_m + s - span_b``)."""
-
-    first_b: jax.Array
-    span_b: jax.Array
-    first_m: jax.Array
-    span_m: jax.Array
-    order: jax.Array
-
-
-def _add_to_runs(dense: jax.Array, values: jax.Array, runs: _RunSlots) -> jax.Array:
-    """``dense`` ``[b, W]`` plus the sorted-slot ``values`` ``[b, S]`` at their columns (slots
-    past both runs must hold 0): sorted slot ``s`` is run slot ``o = runs.order[a, s]``, column
-    ``first_b + o`` for ``o < span_b``, else ``first_m + o - span_b``; by
-    :func:`_add_at_columns`, where gathering each entry's value from its offset in its run
-    cost the ``[b, W]`` coefficient pass a gather per entry."""
-    o = runs.order
-    cols = jnp.where(o < runs.span_b[:, None], runs.first_b[:, None] + o,
-                     runs.first_m[:, None] + o - runs.span_b[:, None])
-    # Only the slots past both runs (values 0) fall outside.
-    return _add_at_columns(dense, jnp.clip(cols, 0, dense.shape[1] - 1), values)
-
-
 def _all_bucketed(d, batch, margin, runs, slots):
     """``"all"`` with an anchor's positives sorted in ``slots`` slots: each negative's count
     of active thresholds by comparison, each positive's count of active negatives from a
     per-row histogram of those counts. ``O(b S W)`` comparisons, one ``[b, W]`` scatter."""
-    d_ap, filled, runs = _pack_runs(d, batch, runs, slots)
+    d_ap, filled, cols = _pack_runs(d, batch, runs, slots)
     threshold = jnp.where(filled, d_ap + margin, jnp.inf)  # sorted: d_ap is, inf last
     below = _count_below(threshold, d, strict=False)  # #thresholds <= d_an: inactive ones
     count = jnp.sum(filled, axis=1, keepdims=True, dtype=jnp.int32)
@@ -495,7 +463,9 @@ def _all_bucketed(d, batch, margin, runs, slots):
     hist = _row_buckets("add", batch.neg.astype(jnp.int32), below, slots + 1, 0)
     per_positive = jnp.where(filled, jnp.cumsum(hist, axis=1)[:, :slots], 0)
     per_positive = per_positive.astype(jnp.float32)
-    coef = _add_to_runs(-per_negative, per_positive, runs)  # positives' entries: -0
+    # The positives' entries of -per_negative are 0: the sorted slots are added there, where
+    # gathering each entry's value from its offset in its run cost the pass a gather.
+    coef = _add_at_columns(-per_negative, cols, per_positive)
     return coef, jnp.sum(per_positive)
 
 
@@ -505,7 +475,7 @@ def _semi_hard_bucketed(d, batch, margin, runs, slots):
     harder negative of each positive as a reverse cumulative minimum over the buckets above
     it. Ties as :func:`_semi_hard_slotted`. ``O(b S W)`` comparisons, two ``[b, W]``
     scatters and two ``[b, W]`` gathers."""
-    d_ap, filled, runs = _pack_runs(d, batch, runs, slots)
+    d_ap, filled, cols = _pack_runs(d, batch, runs, slots)
     bucket = _count_below(d_ap, d, strict=True)  # #positives with d_ap < d_an, in [0, S]
     neg_d = jnp.where(batch.neg, d, jnp.inf)
     bucket_min = _row_buckets("min", neg_d, bucket, slots + 1, jnp.inf)  # [b, S + 1]
@@ -532,7 +502,7 @@ def _semi_hard_bucketed(d, batch, margin, runs, slots):
     neg_coef = jnp.where(is_min, _row_gather(per_bucket, bucket), 0.0)
     neg_coef = neg_coef + w_far[:, None] * hit_far
     active = active.astype(jnp.float32)
-    return _add_to_runs(-neg_coef, active, runs), jnp.sum(active)  # positives': -0
+    return _add_at_columns(-neg_coef, cols, active), jnp.sum(active)  # as "all"
 
 
 def _by_row_chunks(fallback, d, batch, margin):
