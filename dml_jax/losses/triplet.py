@@ -19,8 +19,8 @@ transposed ``32 x 32`` blocks of columns in int32 (:func:`_per_slot`: on XLA's C
 reduction over whole rows materialised the ``[b, S, B]`` terms, and one over more than 1024
 columns at once ran 20-40 times slower); the coefficient pass writes the negatives' entries
 and the slots' values are added at their columns by one ``[b, S]`` scatter into its output
-(:func:`_add_at_columns`; a symmetric view's transposed slots by one ``[b, S]`` gather,
-:func:`_slots_transposed`). A batch with a class of
+(:func:`~dml_jax.losses._windows.add_at_columns`; a symmetric view's transposed slots by
+one ``[b, S]`` gather, :func:`_slots_transposed`). A batch with a class of
 more than 32 rows takes a sort-based path instead (each anchor's negative distances sorted once,
 then binary searches: ``O(B^2 log B)`` work, ``O(B^2)`` memory, 128 rows at a time:
 :func:`_by_row_chunks`). XLA's CPU sort of a
@@ -45,11 +45,12 @@ scatter-min), whose reverse cumulative minimum is each positive's closest harder
 chosen negatives are marked by value (bucket minima, one gather), tied ones sharing the
 coefficient as in the slotted path (one more scatter-add counts the ties, one gather hands the
 coefficients back). The sorted slots' own values are added at their columns by one
-``[b, S]`` scatter into the coefficient pass's output (:func:`_add_at_columns`): ``O(b S W)``
-comparisons and ``O(b W)`` scatters and gathers, a few
-``[b, W]`` arrays, no ``[b, W]`` sort. Only an anchor whose two runs span more than 512 columns
-(a class with that many rows in the batch and memory), or columns not sorted by label, send
-the view to the sort-based path (``O(b W log W)``, several ``[b, W]`` arrays).
+``[b, S]`` scatter into the coefficient pass's output
+(:func:`~dml_jax.losses._windows.add_at_columns`): ``O(b S W)`` comparisons and ``O(b W)``
+scatters and gathers, a few ``[b, W]`` arrays, no ``[b, W]`` sort. Only an anchor whose two
+runs span more than 512 columns (a class with that many rows in the batch and memory), or
+columns not sorted by label, send the view to the sort-based path (``O(b W log W)``, several
+``[b, W]`` arrays).
 """
 
 from __future__ import annotations
@@ -61,13 +62,13 @@ import jax
 import jax.numpy as jnp
 
 from dml_jax import _checks, distances
-from dml_jax.losses import _batch
+from dml_jax.losses import _batch, _windows
+from dml_jax.losses._windows import add_at_columns, scatter_rows, window
 from dml_jax.losses.memory import XBMState, with_memory
 
 MINING = ("all", "batch_hard", "semi_hard")
 # index [b] -> each row's distance [b] to its column index[a], differentiable.
 DistanceTo = Callable[[jax.Array], jax.Array]
-SLOT_SIZES = (2, 8, 32)
 # Static bounds on an anchor's positive slots in the bucketed path (with a memory).
 BUCKET_SIZES = (128, 512)
 # Thresholds compared per fused reduction in `_count_below` (XLA's CPU reductions over a
@@ -88,21 +89,6 @@ def _searchsorted_rows(sorted_rows: jax.Array, queries: jax.Array, side: str) ->
     )
 
 
-def _add_at_columns(dense: jax.Array, cols: jax.Array, values: jax.Array) -> jax.Array:
-    """``dense`` ``[b, W]`` plus ``values[a, s]`` at ``[a, cols[a, s]]`` (in-range int32
-    ``[b, S]`` columns; repeated ones add up): one ``[b, S]`` scatter-add into ``dense``'s
-    buffer. Two-index: a flat scatter would make the fusion writing ``dense`` produce it flat,
-    and on XLA's CPU backend that fusion then recovers each entry's row and column by
-    division (a coefficient pass went from 0.8 to 2.5 ms at ``[1024, 1024]``)."""
-    row = jnp.arange(dense.shape[0], dtype=jnp.int32)[:, None]
-    return dense.at[row, cols].add(values, mode="promise_in_bounds")
-
-
-def _scatter_rows(values: jax.Array, cols: jax.Array, width: int) -> jax.Array:
-    """``out[a, cols[a, s]] += values[a, s]``: ``[b, S]`` -> ``[b, width]`` (in-range ``cols``)."""
-    return _add_at_columns(jnp.zeros((values.shape[0], width), jnp.float32), cols, values)
-
-
 def _slots_transposed(values: jax.Array, start: jax.Array, cols: jax.Array,
                       filled: jax.Array) -> jax.Array:
     """The slot values of the transposed pairs: ``out[a, s] = values[n, a - start[n]]`` for
@@ -119,49 +105,16 @@ def _symmetrised(coef: jax.Array) -> jax.Array:
     return 0.5 * (coef + coef.T)
 
 
-def _slot_choice(pos: jax.Array, pos_count: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Each row's first positive column ``start`` ``[b]`` (0 without one) and the index of the
-    smallest of :data:`SLOT_SIZES` whose window ``[start, start + S)`` holds every row's
-    positives (``len(SLOT_SIZES)`` when none does).
-
-    A window holds a row's positives iff it holds ``pos_count`` of them (``sum(pos, 1)``), so
-    one min-reduction (the first positive) and a ``[b, 32]`` gather decide, instead of the
-    span between each row's first and last positive (a second reduction over the mask).
-    """
-    width = pos.shape[1]
-    # The first positive as a min-reduction of column indices (argmax's variadic reduction
-    # runs scalar on XLA's CPU backend); 0 without one, as argmax.
-    first = jnp.min(jnp.where(pos, jnp.arange(width, dtype=jnp.int32)[None, :], width), axis=1)
-    start = jnp.where(first < width, first, 0)
-    _, hits = _window(pos, start, max(SLOT_SIZES))
-    within = jnp.pad(  # [b, 33]: column s holds the positives in [start, start + s)
-        jnp.cumsum(hits, axis=1, dtype=jnp.int32), ((0, 0), (1, 0))
-    )
-    count = pos_count.astype(jnp.int32)
-    fits = jnp.stack([jnp.all(within[:, size] == count) for size in SLOT_SIZES])
-    return start, jnp.argmax(jnp.append(fits, True)).astype(jnp.int32)
-
-
 def _pack_positives(d, batch, start, slots):
     """Each row's positives in ``slots`` slots, columns ``start + s``: ``(d_ap [b, S], filled
     [b, S], cols [b, S])`` (an unfilled slot's ``d_ap`` is arbitrary; ``cols`` as
-    :func:`_window`'s).
+    :func:`~dml_jax.losses._windows.window`'s).
 
     A row's positives must lie in the ``slots`` columns from ``start``, its first positive
     (true with label-sorted columns when no label has more than ``slots`` valid rows).
     """
-    cols, filled = _window(batch.pos, start, slots)
+    cols, filled = window(batch.pos, start, slots)
     return jnp.take_along_axis(d, cols, axis=1), filled, cols
-
-
-def _window(pos: jax.Array, start: jax.Array, slots: int) -> tuple[jax.Array, jax.Array]:
-    """The ``slots`` columns from each row's ``start``: ``(cols [b, S]`` clipped to the last
-    column, ``filled [b, S]``: inside the row and positive``)``."""
-    width = pos.shape[1]
-    cols = start[:, None] + jnp.arange(slots, dtype=jnp.int32)[None, :]
-    inside = cols < width
-    cols = jnp.minimum(cols, width - 1)
-    return cols, inside & jnp.take_along_axis(pos, cols, axis=1)
 
 
 def _column_blocks(x: jax.Array, fill: float) -> list[jax.Array]:
@@ -222,7 +175,7 @@ def _all_slotted(d, batch, start, margin, slots, symmetric=False):
     # The positives' entries of -negative are 0: the slots (0 where unfilled, so also at a
     # clipped column) are added there. Selecting each entry's slot inside the pass instead
     # (S compares and selects per entry, twice for a symmetric view) took half its time.
-    return _add_at_columns(-negative, cols, positive), jnp.sum(per_positive)
+    return add_at_columns(-negative, cols, positive), jnp.sum(per_positive)
 
 
 def _all_sorted(d, batch, margin):
@@ -242,7 +195,7 @@ def _semi_hard_terms(d, batch, d_ap, filled, pos_cols, neg_cols, margin):
     has_neg = jnp.any(batch.neg, axis=1, keepdims=True)
     active = (filled & has_neg & (d_ap - d_an + margin > 0)).astype(jnp.float32)
     width = d.shape[1]
-    coef = _scatter_rows(active, pos_cols, width) - _scatter_rows(active, neg_cols, width)
+    coef = scatter_rows(active, pos_cols, width) - scatter_rows(active, neg_cols, width)
     return coef, jnp.sum(active)
 
 
@@ -288,7 +241,7 @@ def _semi_hard_slotted(d, batch, start, margin, slots, symmetric=False):
         ))
         positive = 0.5 * (positive + _slots_transposed(active, start, cols, filled))
     # The positives' entries of -negative are 0: the slots are added there (as "all").
-    return _add_at_columns(-negative, cols, positive), jnp.sum(active)
+    return add_at_columns(-negative, cols, positive), jnp.sum(active)
 
 
 def _semi_hard_sorted(d, batch, margin):
@@ -465,7 +418,7 @@ def _all_bucketed(d, batch, margin, runs, slots):
     per_positive = per_positive.astype(jnp.float32)
     # The positives' entries of -per_negative are 0: the sorted slots are added there, where
     # gathering each entry's value from its offset in its run cost the pass a gather.
-    coef = _add_at_columns(-per_negative, cols, per_positive)
+    coef = add_at_columns(-per_negative, cols, per_positive)
     return coef, jnp.sum(per_positive)
 
 
@@ -494,7 +447,7 @@ def _semi_hard_bucketed(d, batch, margin, runs, slots):
     w_close = jnp.where(active & found, 1.0, 0.0) / jnp.maximum(
         jnp.take_along_axis(ties, target, axis=1), 1
     )
-    per_bucket = _scatter_rows(w_close, target, slots + 1)
+    per_bucket = scatter_rows(w_close, target, slots + 1)
     hit_far = batch.neg & (d == farthest[:, None])
     w_far = jnp.sum(jnp.where(active & ~found, 1.0, 0.0), axis=1) / jnp.maximum(
         jnp.sum(hit_far, axis=1), 1
@@ -502,7 +455,7 @@ def _semi_hard_bucketed(d, batch, margin, runs, slots):
     neg_coef = jnp.where(is_min, _row_gather(per_bucket, bucket), 0.0)
     neg_coef = neg_coef + w_far[:, None] * hit_far
     active = active.astype(jnp.float32)
-    return _add_at_columns(-neg_coef, cols, active), jnp.sum(active)  # as "all"
+    return add_at_columns(-neg_coef, cols, active), jnp.sum(active)  # as "all"
 
 
 def _by_row_chunks(fallback, d, batch, margin):
@@ -560,10 +513,12 @@ def _mined_total(d, batch, margin, slotted, fallback, bucketed=None, symmetric=F
         ]
         where_from = runs
     else:
-        where_from, index = _slot_choice(batch.pos, batch.pos_count)  # the first positives
+        where_from, index = _windows.slot_choice(  # the first positives
+            batch.pos, batch.pos_count, _windows.SLOT_SIZES
+        )
         branches = [
             functools.partial(slotted, margin=margin, slots=s, symmetric=symmetric)
-            for s in SLOT_SIZES
+            for s in _windows.SLOT_SIZES
         ]
 
     def fallback_branch(d, b, where_from):

@@ -233,13 +233,13 @@ def _nan_branch(d, *args, **kwargs):
 
 def force_triplet_branch(monkeypatch, mining, branch):
     """Leaves only ``branch`` ("slotted", "bucketed" or "sorted") of the ``mining`` miner."""
-    from dml_jax.losses import triplet
+    from dml_jax.losses import _windows, triplet
 
     for name in TRIPLET_PATHS[mining]:
         if not name.endswith(branch):
             monkeypatch.setattr(triplet, name, _nan_branch)
     # Slot bounds that send every test view (some row has a positive) to ``branch``.
-    monkeypatch.setattr(triplet, "SLOT_SIZES", (128,) if branch == "slotted" else (0,))
+    monkeypatch.setattr(_windows, "SLOT_SIZES", (128,) if branch == "slotted" else (0,))
     monkeypatch.setattr(triplet, "BUCKET_SIZES", (128,) if branch == "bucketed" else (0,))
 
 
