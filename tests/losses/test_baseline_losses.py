@@ -160,6 +160,24 @@ def test_triplet_every_positive_set_size_matches_reference(mining, class_size):
     np.testing.assert_allclose(grad, ref.numerical_grad(reference, e), **GRAD_TOL)
 
 
+@pytest.mark.parametrize("class_size", [1, 2, 5, 20, 33])
+def test_lifted_every_positive_set_size_matches_reference(class_size):
+    """The lifted loss evaluates J on each row's window of 2, 8 or 32 label-ordered columns
+    (the smallest that holds the largest class), or over all of [B, B] for a class of 33:
+    each path against the loop reference. The rows come shuffled, so only the label order
+    makes a class one window."""
+    rng = np.random.default_rng(class_size)
+    y = np.concatenate([np.zeros(class_size), [1, 1, 2, 2, 3]]).astype(np.int32)
+    order = rng.permutation(len(y))
+    e, y = rng.normal(size=(len(y), 2)).astype(np.float32), y[order]
+    value, grad = jax.value_and_grad(
+        lambda x: losses.lifted_structure_loss(x, y, neg_margin=1.5, pos_margin=0.2)
+    )(e)
+    reference = lambda x: ref.lifted(x, y, neg_margin=1.5, pos_margin=0.2)
+    np.testing.assert_allclose(value, reference(e), **VALUE_TOL)
+    np.testing.assert_allclose(grad, ref.numerical_grad(reference, e), **GRAD_TOL)
+
+
 @pytest.mark.parametrize("mining,setting,size,steps,big_class", [
     # slotted: 150 columns in three blocks, the last padded (semi-hard: both the "min" and
     # the "sum" reductions of the shared `_per_slot`)
