@@ -241,11 +241,14 @@ def _as_col(x):
     return x[None, :] if jnp.ndim(x) else x
 
 
-def first_of(values: list[jax.Array], best: jax.Array) -> jax.Array:
-    """int32 ``[n, N]``: the first index ``c`` with ``values[c] == best`` (``argmax`` of a max)."""
-    choice = jnp.full(best.shape, len(values) - 1, jnp.int32)
-    for c in range(len(values) - 2, -1, -1):
-        choice = jnp.where(values[c] == best, c, choice)
+def first_max(values: list[jax.Array]) -> jax.Array:
+    """int32: the index of the first of ``values`` (arrays of one shape) that holds their
+    element-wise maximum, as ``argmax`` over a stacked axis: one running max and index
+    (a strictly greater value takes over, so a tie keeps the earlier index)."""
+    best, choice = values[0], jnp.zeros(values[0].shape, jnp.int32)
+    for c, value in enumerate(values[1:], start=1):
+        better = value > best
+        best, choice = jnp.where(better, value, best), jnp.where(better, c, choice)
     return choice
 
 
@@ -311,7 +314,7 @@ def max_pair_logits(layout: PairLayout, combos, *, degree: float | None = None) 
         bilinear(*[_in_basis(k, *c) for k, c in zip(f, const_sides, strict=True)], const_blocks)
         for f in forms
     ]
-    choice = first_of(values, functools.reduce(jnp.maximum, values))
+    choice = first_max(values)
     picked = [  # the chosen combination's constants per entry, then the differentiable c1, c2
         _in_basis(tuple(_select_constant(choice, [f[slot][t] for f in forms])
                         for t in range(3)), *c)

@@ -325,6 +325,18 @@ def test_reflection_properties():
     assert np.all(np.isfinite(g))
 
 
+def test_first_max_is_argmax_with_ties_to_the_first():
+    """The similarity-max losses pick each entry's combination of points by `first_max`: the
+    first maximum, as argmax over the stacked values (ties are common: coinciding points)."""
+    from dml_jax.losses._pairs import first_max
+
+    rng = np.random.default_rng(0)
+    values = rng.integers(0, 3, size=(12, 40, 30)).astype(np.float32)  # many exact ties
+    values[:, 0, 0] = -np.inf
+    np.testing.assert_array_equal(first_max([jnp.asarray(v) for v in values]),
+                                  np.argmax(values, axis=0))
+
+
 def test_mined_negative_is_the_hardest_of_four_on_hand_built_2d_cases():
     # Pair 0 (class 0): (1, 0), (1, 0.1). Pair 1 (class 1): x_k = (0, 1), x_l = (0.6, 0.8):
     #   x'_k = reflect(x_k about x_l) = (0.96, 0.28), x'_l = reflect(x_l about x_k) = (-0.6, 0.8).
