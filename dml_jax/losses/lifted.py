@@ -19,41 +19,52 @@ def _pair_terms(row_lse, col_lse, d, pos_margin):
     return 0.5 * hinge * hinge, hinge, jnp.exp(row_lse - lse), jnp.exp(col_lse - lse)
 
 
-def _dense_positive_terms(d, row_lse, col_lse, pos, pos_margin):
-    """:func:`_positive_total`'s value and gradients over every entry of ``pos`` ``[b, B]``."""
+def _dense_positive_terms(d, row_lse, col_lse, pos, pos_margin, *, grads):
+    """:func:`_positive_total`'s value (and with ``grads`` its gradients) over every entry of
+    ``pos`` ``[b, B]``."""
     width = pos.shape[1]
     terms, hinge, d_row, d_col = _pair_terms(
         row_lse[:, None], col_lse[None, :], d[:, :width], pos_margin
     )
+    total = _batch.masked_sum(terms, pos)
+    if not grads:
+        return total
     hinge = jnp.where(pos, hinge, 0.0)
     grad_d = jnp.pad(hinge, ((0, 0), (0, d.shape[1] - width)))
-    return (_batch.masked_sum(terms, pos), grad_d, jnp.sum(hinge * d_row, axis=1),
-            jnp.sum(hinge * d_col, axis=0))
+    return total, grad_d, jnp.sum(hinge * d_row, axis=1), jnp.sum(hinge * d_col, axis=0)
 
 
-def _slotted_positive_terms(d, row_lse, col_lse, pos, pos_margin, *, start, slots):
-    """:func:`_positive_total`'s value and gradients on each row's window of ``slots`` columns
-    from ``start`` (which must hold all its positives): ``[b, S]`` work, and one ``[b, S]``
-    scatter into a zero ``[b, M]`` for the distances' gradient."""
+def _slotted_positive_terms(d, row_lse, col_lse, pos, pos_margin, *, grads, start, slots):
+    """:func:`_positive_total`'s value (and gradients) on each row's window of ``slots``
+    columns from ``start`` (which must hold all its positives): ``[b, S]`` work, and one
+    ``[b, S]`` scatter into a zero ``[b, M]`` for the distances' gradient."""
     cols, filled = _windows.window(pos, start, slots)
     terms, hinge, d_row, d_col = _pair_terms(
         row_lse[:, None], col_lse[cols], jnp.take_along_axis(d, cols, axis=1), pos_margin
     )
+    total = _batch.masked_sum(terms, filled)
+    if not grads:
+        return total
     hinge = jnp.where(filled, hinge, 0.0)
-    return (_batch.masked_sum(terms, filled), _windows.scatter_rows(hinge, cols, d.shape[1]),
+    return (total, _windows.scatter_rows(hinge, cols, d.shape[1]),
             jnp.sum(hinge * d_row, axis=1),
             jnp.zeros(col_lse.shape, jnp.float32).at[cols].add(hinge * d_col))
 
 
-def _positive_total_fwd(d, row_lse, col_lse, pos, pos_count, pos_margin):
+def _positive_terms(d, row_lse, col_lse, pos, pos_count, pos_margin, grads):
+    """The slotted path whose window holds every row's positives, else the dense one."""
     start, index = _windows.slot_choice(pos, pos_count, _windows.SLOT_SIZES)
     branches = [
-        functools.partial(_slotted_positive_terms, start=start, slots=s)
+        functools.partial(_slotted_positive_terms, grads=grads, start=start, slots=s)
         for s in _windows.SLOT_SIZES
     ]
-    branches.append(_dense_positive_terms)  # the last index: no window holds every row's
-    total, grad_d, grad_row, grad_col = jax.lax.switch(
-        index, branches, d, row_lse, col_lse, pos, pos_margin
+    branches.append(functools.partial(_dense_positive_terms, grads=grads))  # the last index
+    return jax.lax.switch(index, branches, d, row_lse, col_lse, pos, pos_margin)
+
+
+def _positive_total_fwd(d, row_lse, col_lse, pos, pos_count, pos_margin):
+    total, grad_d, grad_row, grad_col = _positive_terms(
+        d, row_lse, col_lse, pos, pos_count, pos_margin, True
     )
     return total, (grad_d, grad_row, grad_col, pos_margin)
 
@@ -72,11 +83,12 @@ def _positive_total(d, row_lse, col_lse, pos, pos_count, pos_margin):
 
     ``J`` is needed at the positive pairs only. When one window of the columns holds each
     row's positives (:mod:`dml_jax.losses._windows`: label-ordered columns and classes of at
-    most 32), it is evaluated on those ``[b, S]`` slots; otherwise on all of ``[b, B]``. Both
-    paths compute the gradient with the value (``[J]_+`` times ``J``'s partial derivatives),
-    on constants. Holds one ``[b, M]`` array (the distances' gradient).
+    most 32), it is evaluated on those ``[b, S]`` slots; otherwise on all of ``[b, B]``. Under
+    differentiation both paths compute the gradient with the value (``[J]_+`` times ``J``'s
+    partial derivatives), on constants, and hold one ``[b, M]`` array (the distances'
+    gradient) for the backward pass.
     """
-    return _positive_total_fwd(d, row_lse, col_lse, pos, pos_count, pos_margin)[0]
+    return _positive_terms(d, row_lse, col_lse, pos, pos_count, pos_margin, False)
 
 
 _positive_total.defvjp(_positive_total_fwd, _positive_total_bwd)
