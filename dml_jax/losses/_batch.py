@@ -421,7 +421,7 @@ def self_distances(x: jax.Array, squared: bool = False) -> jax.Array:
 self_distances.defvjp(_self_distances_fwd, _self_distances_bwd)
 
 
-def _memory_distances_fwd(rows, cols, memory, squared):
+def _memory_distances_fwd(rows, cols, memory, squared, symmetric):
     # |x_i - y_j|^2 as one product of augmented vectors, [-2 x_i, |x_i|^2, 1] . [y_j, 1, |y_j|^2]:
     # the product's output is the squared distance, with no [b, B + M] pass to add the norms.
     every = jnp.concatenate([cols, memory])
@@ -437,21 +437,30 @@ def _memory_distances_fwd(rows, cols, memory, squared):
     return d, (rows, cols, every, d)
 
 
-def _memory_distances_bwd(squared, residuals, s):
+def _memory_distances_bwd(squared, symmetric, residuals, s):
     # d_ij = |x_i - y_j|: dx_i = sum_j t_ij (x_i - y_j), and for a batch column y_j
     # dy_j = sum_i t_ij (y_j - x_i), with t as in `_distance_cotangent`: the row and column
     # sums of t times the points, minus the Gram matrix's gradient for the cotangent t.
     rows, cols, every, d = residuals
     t, scale = _distance_cotangent(s, d, squared)
+    if symmetric:  # the columns are the rows and t's batch block is symmetric: the columns'
+        # part equals the rows' part of that block, so the block counts twice in one product
+        batch = cols.shape[0]
+        factor = jnp.concatenate([jnp.full((batch,), 2.0), jnp.ones((d.shape[1] - batch,))])
+        t = t * factor[None, :]
+        product = jnp.matmul(t, every, precision=jax.lax.Precision.HIGHEST)
+        return (scale * (rows * jnp.sum(t, axis=1)[:, None] - product), jnp.zeros_like(cols),
+                jnp.zeros((every.shape[0] - batch, every.shape[1])))
     g_rows, g_cols, g_memory = _memory_gram_bwd((rows, cols, every), t)
     t_cols = t[:, :cols.shape[0]]
     return (scale * (rows * jnp.sum(t, axis=1)[:, None] - g_rows),
             scale * (cols * jnp.sum(t_cols, axis=0)[:, None] - g_cols), g_memory)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def memory_distances(
-    rows: jax.Array, cols: jax.Array, memory: jax.Array, squared: bool = False
+    rows: jax.Array, cols: jax.Array, memory: jax.Array, squared: bool = False,
+    symmetric: bool = False,
 ) -> jax.Array:
     """Euclidean distances (``squared``: squared, clamped at 0) of the rows ``[b, D]`` to the
     batch columns ``[B, D]`` and the constant memory rows ``[M, D]``, float32 ``[b, B + M]``,
@@ -464,17 +473,29 @@ def memory_distances(
     :func:`self_distances`; ``T_B`` its batch block); the memory takes none. Autodiff would
     also form the whole ``[B + M, D]`` product ``T^T @ rows`` and pass over ``[b, B + M]``
     once more for the Gram matrix's cotangent.
+
+    ``symmetric``: ``cols`` is ``rows`` (the batch against itself, no ``axis_name``) and the
+    caller vouches that the cotangent's batch block ``S[:, :B]`` is symmetric (a loss summing
+    one symmetric function over ordered pairs with symmetric masks, as the contrastive loss
+    does). The batch columns' gradient ``y * colsum(T_B) - T_B^T @ rows`` then equals the rows'
+    share of that block, and the whole gradient is the one product of the floor,
+    ``x * rowsum(T') - T' @ [cols; memory]`` with ``T' = [2 T_B, T_M]`` (the doubling fused
+    into the cotangent's pass); it goes to ``rows``, and ``cols`` gets zeros. (The batch
+    block of the augmented product is symmetric to rounding, not bit for bit: the error is
+    of the order of that rounding.)
     """
-    return _memory_distances_fwd(rows, cols, memory, squared)[0]
+    return _memory_distances_fwd(rows, cols, memory, squared, symmetric)[0]
 
 
 memory_distances.defvjp(_memory_distances_fwd, _memory_distances_bwd)
 
 
-def _memory_distances_of(batch, axis_name, normalize, squared):
+def _memory_distances_of(batch, axis_name, normalize, squared, symmetric=False):
     rows, cols = points(batch, axis_name, normalize=normalize)
     memory = distances.l2_normalize(batch.memory) if normalize else batch.memory
-    return memory_distances(rows, cols, jax.lax.stop_gradient(memory), squared)
+    return memory_distances(
+        rows, cols, jax.lax.stop_gradient(memory), squared, symmetric and axis_name is None
+    )
 
 
 def distances_of(
@@ -484,11 +505,12 @@ def distances_of(
     gradient at 0, see :func:`dml_jax.distances.safe_sqrt`). ``symmetric``: the loss's
     cotangent of the ``[B, B]`` block is symmetric (see :func:`self_gram`); without
     ``axis_name`` and memory the distances then come from :func:`self_distances`. With a
-    memory they come from :func:`memory_distances`."""
+    memory they come from :func:`memory_distances` (its one-product gradient when
+    ``symmetric`` and no ``axis_name``)."""
     if symmetric and axis_name is None and not batch.memory.shape[0]:
         return self_distances(points(batch, None)[0], False)
     if batch.memory.shape[0]:
-        return _memory_distances_of(batch, axis_name, False, False)
+        return _memory_distances_of(batch, axis_name, False, False, symmetric)
     return distances.safe_sqrt(squared_distances_of(batch, axis_name, symmetric=symmetric))
 
 

@@ -133,6 +133,39 @@ def test_memory_blocks_against_autodiff(squared, shared):
     np.testing.assert_array_equal(g1[-1], 0.0)  # the memory: constants
 
 
+@pytest.mark.parametrize("squared", [False, True])
+def test_memory_distances_symmetric_batch_block_against_autodiff(squared):
+    """With ``symmetric`` (the columns are the rows, and the cotangent's batch block is
+    symmetric, as the contrastive loss's) ``memory_distances`` folds the columns' gradient
+    into one product: the points get autodiff's gradient of the plain computation, through
+    both the rows and the columns (a zero row and a memory row equal to a batch row)."""
+    rng = np.random.default_rng(7)
+    x = rng.integers(-3, 4, size=(10, 5)).astype(np.float32)
+    x[4] = 0.0
+    memory = rng.integers(-3, 4, size=(7, 5)).astype(np.float32)
+    memory[2] = x[1]
+    x, memory = jnp.asarray(x), jnp.asarray(memory)
+    w = rng.normal(size=(10, 17)).astype(np.float32)
+    w[:, :10] = w[:, :10] + w[:, :10].T  # a symmetric batch block
+    w = jnp.asarray(w)
+
+    def plain(x):
+        every = jnp.concatenate([x, memory])
+        g = jnp.matmul(x, every.T, precision=jax.lax.Precision.HIGHEST)
+        sq = jnp.maximum(
+            jnp.sum(x * x, axis=1)[:, None] + jnp.sum(every * every, axis=1)[None] - 2 * g, 0
+        )
+        return jnp.sum(w * (sq if squared else distances.safe_sqrt(sq)))
+
+    def custom(x):
+        return jnp.sum(w * _batch.memory_distances(x, x, memory, squared, True))
+
+    (v1, g1), (v2, g2) = jax.value_and_grad(custom)(x), jax.value_and_grad(plain)(x)
+    np.testing.assert_allclose(v1, v2, rtol=1e-5)
+    assert np.all(np.isfinite(g1)) and np.abs(np.asarray(g2)).max() > 0.1
+    np.testing.assert_allclose(g1, g2, rtol=1e-6, atol=1e-6 * np.abs(np.asarray(g2)).max())
+
+
 def test_row_logsumexp_gives_the_points_the_plain_gradient():
     """Its symmetric cotangent against autodiff of the plain masked log-sum-exp, through a
     symmetric function of the points; one row without a masked entry (NEG_LARGE, zero
