@@ -78,7 +78,8 @@ def _per_query_fwd(d, pos, neg, margin, alpha, t_n, t_p, symmetric):
     lists = _lists(d, pos, neg, margin, alpha, t_n, t_p)
     top_p, top_n = _shifts(lists, alpha, t_n, t_p)
     boundary = alpha - margin
-    w_p = jnp.where(lists.in_p, jnp.exp(lists.x_p - top_p[:, None]), 0.0)
+    # T_p = 0 (the default) makes the positive weights 1: no exponential when it is a constant.
+    w_p = jnp.where(lists.in_p, jnp.where(t_p == 0, 1.0, jnp.exp(lists.x_p - top_p[:, None])), 0.0)
     w_n = jnp.where(lists.in_n, jnp.exp(lists.x_n - top_n[:, None]), 0.0)
     total_p, total_n = jnp.sum(w_p, axis=1), jnp.sum(w_n, axis=1)
     has_p, has_n = total_p > 0, total_n > 0
