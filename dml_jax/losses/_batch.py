@@ -443,18 +443,18 @@ def _memory_distances_bwd(squared, symmetric, residuals, s):
     # sums of t times the points, minus the Gram matrix's gradient for the cotangent t.
     rows, cols, every, d = residuals
     t, scale = _distance_cotangent(s, d, squared)
+    batch = cols.shape[0]
     if symmetric:  # the columns are the rows and t's batch block is symmetric: the columns'
         # part equals the rows' part of that block, so the block counts twice in one product
-        batch = cols.shape[0]
         factor = jnp.concatenate([jnp.full((batch,), 2.0), jnp.ones((d.shape[1] - batch,))])
         t = t * factor[None, :]
-        product = jnp.matmul(t, every, precision=jax.lax.Precision.HIGHEST)
-        return (scale * (rows * jnp.sum(t, axis=1)[:, None] - product), jnp.zeros_like(cols),
-                jnp.zeros((every.shape[0] - batch, every.shape[1])))
-    g_rows, g_cols, g_memory = _memory_gram_bwd((rows, cols, every), t)
-    t_cols = t[:, :cols.shape[0]]
-    return (scale * (rows * jnp.sum(t, axis=1)[:, None] - g_rows),
-            scale * (cols * jnp.sum(t_cols, axis=0)[:, None] - g_cols), g_memory)
+        g_rows = jnp.matmul(t, every, precision=jax.lax.Precision.HIGHEST)
+        d_cols = jnp.zeros_like(cols)
+    else:
+        g_rows, g_cols, _ = _memory_gram_bwd((rows, cols, every), t)
+        d_cols = scale * (cols * jnp.sum(t[:, :batch], axis=0)[:, None] - g_cols)
+    d_memory = jnp.zeros((every.shape[0] - batch, every.shape[1]))
+    return scale * (rows * jnp.sum(t, axis=1)[:, None] - g_rows), d_cols, d_memory
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))

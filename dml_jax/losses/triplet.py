@@ -63,7 +63,6 @@ import jax.numpy as jnp
 
 from dml_jax import _checks, distances
 from dml_jax.losses import _batch, _windows
-from dml_jax.losses._windows import add_at_columns, scatter_rows, window
 from dml_jax.losses.memory import XBMState, with_memory
 
 MINING = ("all", "batch_hard", "semi_hard")
@@ -113,7 +112,7 @@ def _pack_positives(d, batch, start, slots):
     A row's positives must lie in the ``slots`` columns from ``start``, its first positive
     (true with label-sorted columns when no label has more than ``slots`` valid rows).
     """
-    cols, filled = window(batch.pos, start, slots)
+    cols, filled = _windows.window(batch.pos, start, slots)
     return jnp.take_along_axis(d, cols, axis=1), filled, cols
 
 
@@ -175,7 +174,7 @@ def _all_slotted(d, batch, start, margin, slots, symmetric=False):
     # The positives' entries of -negative are 0: the slots (0 where unfilled, so also at a
     # clipped column) are added there. Selecting each entry's slot inside the pass instead
     # (S compares and selects per entry, twice for a symmetric view) took half its time.
-    return add_at_columns(-negative, cols, positive), jnp.sum(per_positive)
+    return _windows.add_at_columns(-negative, cols, positive), jnp.sum(per_positive)
 
 
 def _all_sorted(d, batch, margin):
@@ -195,7 +194,8 @@ def _semi_hard_terms(d, batch, d_ap, filled, pos_cols, neg_cols, margin):
     has_neg = jnp.any(batch.neg, axis=1, keepdims=True)
     active = (filled & has_neg & (d_ap - d_an + margin > 0)).astype(jnp.float32)
     width = d.shape[1]
-    coef = scatter_rows(active, pos_cols, width) - scatter_rows(active, neg_cols, width)
+    coef = (_windows.scatter_rows(active, pos_cols, width)
+            - _windows.scatter_rows(active, neg_cols, width))
     return coef, jnp.sum(active)
 
 
@@ -241,7 +241,7 @@ def _semi_hard_slotted(d, batch, start, margin, slots, symmetric=False):
         ))
         positive = 0.5 * (positive + _slots_transposed(active, start, cols, filled))
     # The positives' entries of -negative are 0: the slots are added there (as "all").
-    return add_at_columns(-negative, cols, positive), jnp.sum(active)
+    return _windows.add_at_columns(-negative, cols, positive), jnp.sum(active)
 
 
 def _semi_hard_sorted(d, batch, margin):
@@ -418,7 +418,7 @@ def _all_bucketed(d, batch, margin, runs, slots):
     per_positive = per_positive.astype(jnp.float32)
     # The positives' entries of -per_negative are 0: the sorted slots are added there, where
     # gathering each entry's value from its offset in its run cost the pass a gather.
-    coef = add_at_columns(-per_negative, cols, per_positive)
+    coef = _windows.add_at_columns(-per_negative, cols, per_positive)
     return coef, jnp.sum(per_positive)
 
 
@@ -447,7 +447,7 @@ def _semi_hard_bucketed(d, batch, margin, runs, slots):
     w_close = jnp.where(active & found, 1.0, 0.0) / jnp.maximum(
         jnp.take_along_axis(ties, target, axis=1), 1
     )
-    per_bucket = scatter_rows(w_close, target, slots + 1)
+    per_bucket = _windows.scatter_rows(w_close, target, slots + 1)
     hit_far = batch.neg & (d == farthest[:, None])
     w_far = jnp.sum(jnp.where(active & ~found, 1.0, 0.0), axis=1) / jnp.maximum(
         jnp.sum(hit_far, axis=1), 1
@@ -455,7 +455,7 @@ def _semi_hard_bucketed(d, batch, margin, runs, slots):
     neg_coef = jnp.where(is_min, _row_gather(per_bucket, bucket), 0.0)
     neg_coef = neg_coef + w_far[:, None] * hit_far
     active = active.astype(jnp.float32)
-    return add_at_columns(-neg_coef, cols, active), jnp.sum(active)  # as "all"
+    return _windows.add_at_columns(-neg_coef, cols, active), jnp.sum(active)  # as "all"
 
 
 def _by_row_chunks(fallback, d, batch, margin):
