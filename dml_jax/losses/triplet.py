@@ -189,16 +189,6 @@ def _all_sorted(d, batch, margin):
     return per_positive - per_negative, jnp.sum(per_positive)
 
 
-def _semi_hard_terms(d, batch, d_ap, filled, pos_cols, neg_cols, margin):
-    d_an = jnp.take_along_axis(d, neg_cols, axis=1)
-    has_neg = jnp.any(batch.neg, axis=1, keepdims=True)
-    active = (filled & has_neg & (d_ap - d_an + margin > 0)).astype(jnp.float32)
-    width = d.shape[1]
-    coef = (_windows.scatter_rows(active, pos_cols, width)
-            - _windows.scatter_rows(active, neg_cols, width))
-    return coef, jnp.sum(active)
-
-
 def _semi_hard_slotted(d, batch, start, margin, slots, symmetric=False):
     d_ap, filled, cols = _pack_positives(d, batch, start, slots)
     neg_d = jnp.where(batch.neg, d, -jnp.inf)  # a non-negative is never harder
@@ -252,8 +242,12 @@ def _semi_hard_sorted(d, batch, margin):
     first_harder = _searchsorted_rows(sorted_neg, d, side="right")
     rank = jnp.clip(jnp.where(first_harder < num_neg, first_harder, num_neg - 1), 0, width - 1)
     neg_cols = jnp.take_along_axis(order, rank, axis=1)  # [b, B]: chosen negative per column
-    cols = jnp.broadcast_to(jnp.arange(width)[None, :], d.shape)
-    return _semi_hard_terms(d, batch, d, batch.pos, cols, neg_cols, margin)
+    d_an = jnp.take_along_axis(d, neg_cols, axis=1)
+    has_neg = jnp.any(batch.neg, axis=1, keepdims=True)
+    active = (batch.pos & has_neg & (d - d_an + margin > 0)).astype(jnp.float32)
+    # Each positive's term sits at its own column: the coefficients are `active` with the
+    # chosen negatives' -1s added, one [b, B] scatter into it.
+    return _windows.add_at_columns(active, neg_cols, -active), jnp.sum(active)
 
 
 def _count_below(sorted_vals, d, strict):
