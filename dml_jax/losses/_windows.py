@@ -1,5 +1,5 @@
 """Each row's positive columns as one window of a static size: the slotted paths of the
-triplet miners and of the lifted structured loss.
+triplet miners, the lifted structured loss and the ranked list loss.
 
 With columns ordered by label (``pair_batch(sort_by_label=True)``) or a class-balanced batch's
 own order, a row's positives are one run of columns. The window of ``S`` columns from the
@@ -8,15 +8,35 @@ loss can do its per-positive work on ``[b, S]`` slots instead of on the whole ``
 :func:`slot_choice` picks the smallest of :data:`SLOT_SIZES` that holds every row's positives
 (a loss falls back to its dense form when none does), :func:`window` gives the slots' columns,
 and :func:`add_at_columns` / :func:`scatter_rows` put per-slot values back at those columns.
+
+With a cross-batch memory ordered by label too, a row's positives are two runs, one among the
+batch columns and one among the memory's: :func:`label_runs` finds them by binary search in
+the sorted labels, :func:`run_choice` picks the smallest of :data:`RUN_SIZES` that holds both
+runs of every row, and :func:`run_window` gives their columns as ``[b, S]`` slots.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 # Static window sizes a slotted path is compiled for (one branch each, plus a fallback).
 SLOT_SIZES = (2, 8, 32)
+# Static bounds on a row's two runs of positives (batch and memory columns), likewise.
+RUN_SIZES = (128, 512)
+
+
+class Runs(NamedTuple):
+    """Each row's runs of same-label columns, int32 ``[b]``: ``first_batch``, ``span_batch``
+    among the batch columns, ``first_memory``, ``span_memory`` among the memory's (a span is
+    0 for an invalid row; the batch run may hold the row itself, which is no positive)."""
+
+    first_batch: jax.Array
+    span_batch: jax.Array
+    first_memory: jax.Array
+    span_memory: jax.Array
 
 
 def window(pos: jax.Array, start: jax.Array, slots: int) -> tuple[jax.Array, jax.Array]:
@@ -69,3 +89,48 @@ def add_at_columns(dense: jax.Array, cols: jax.Array, values: jax.Array) -> jax.
 def scatter_rows(values: jax.Array, cols: jax.Array, width: int) -> jax.Array:
     """``out[a, cols[a, s]] += values[a, s]``: ``[b, S]`` -> ``[b, width]`` (in-range ``cols``)."""
     return add_at_columns(jnp.zeros((values.shape[0], width), jnp.float32), cols, values)
+
+
+def label_runs(row_labels, row_valid, col_labels, col_valid, split) -> tuple[Runs, jax.Array]:
+    """Each row's :class:`Runs` among the label-sorted batch columns ``[0, split)`` and memory
+    columns ``[split, W)`` (no ``[b, W]`` pass), and ``ordered``, a bool scalar: both parts'
+    valid labels are sorted (invalid columns last), so every positive of a row lies in its
+    runs. Rows: labels and validity ``[b]``; columns: ``[W]``. ``O((b + W) log W)`` work,
+    where scanning the ``[b, W]`` mask for each row's first and last positive took three
+    passes over it."""
+    top = jnp.iinfo(jnp.int32).max
+    key = jnp.where(col_valid, col_labels, top)
+
+    def run(part, offset):
+        lo = jnp.searchsorted(part, row_labels, side="left").astype(jnp.int32)
+        hi = jnp.searchsorted(part, row_labels, side="right").astype(jnp.int32)
+        span = jnp.where(row_valid, hi - lo, 0)
+        return offset + jnp.where(span > 0, lo, 0), span, jnp.all(part[1:] >= part[:-1])
+
+    first_b, span_b, sorted_b = run(key[:split], 0)
+    first_m, span_m, sorted_m = run(key[split:], split)
+    return Runs(first_b, span_b, first_m, span_m), sorted_b & sorted_m
+
+
+def run_choice(
+    row_labels, row_valid, col_labels, col_valid, split, sizes: tuple[int, ...]
+) -> tuple[Runs, jax.Array]:
+    """:func:`label_runs` and the index of the smallest of ``sizes`` (ascending) that holds
+    every row's two runs (``len(sizes)`` when none does, or the columns are not sorted)."""
+    runs, ordered = label_runs(row_labels, row_valid, col_labels, col_valid, split)
+    need = jnp.searchsorted(jnp.asarray(sizes), jnp.max(runs.span_batch + runs.span_memory))
+    return runs, jnp.where(ordered, need, len(sizes)).astype(jnp.int32)
+
+
+def run_window(pos: jax.Array, runs: Runs, slots: int) -> tuple[jax.Array, jax.Array]:
+    """Each row's two runs as ``slots`` slots, the batch run's columns first: ``(cols [b, S]``
+    (the slots past both runs clipped to the last column), ``filled [b, S]``: inside a run and
+    positive in ``pos`` ``[b, W]``). The runs' spans must sum to at most ``slots``."""
+    width = pos.shape[1]
+    slot = jnp.arange(slots, dtype=jnp.int32)[None, :]
+    span_b = runs.span_batch[:, None]
+    cols = jnp.where(slot < span_b, runs.first_batch[:, None] + slot,
+                     runs.first_memory[:, None] + slot - span_b)
+    cols = jnp.clip(cols, 0, width - 1)
+    inside = slot < span_b + runs.span_memory[:, None]
+    return cols, inside & jnp.take_along_axis(pos, cols, axis=1)

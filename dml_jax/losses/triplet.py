@@ -30,22 +30,21 @@ With a cross-batch memory of ``M`` rows (``W = B + M`` columns) an anchor has ma
 and a few dozen positives spread over the memory. The memory's columns are then ordered by
 label too (an ``[M]`` argsort and an ``[M, D]`` gather of constants), so an anchor's positives
 are two runs, one among the batch columns and one among the memory's, found by binary search
-in the sorted labels (:func:`_label_runs`). A bucketed path gathers those runs into ``S``
-slots (``S`` = 128 or 512, whichever holds both runs of every anchor) and sorts them
-(``[b, S]``, by counting each slot's predecessors: :func:`_stable_order`); each negative's
-bucket, the number of sorted positive values (``"all"``: thresholds ``d_ap + margin``) at or
-below it, comes from ``O(b S W)`` fused comparisons, 32 slots at a time and only as many
-chunks as the fullest anchor fills (:func:`_count_below`; ``[b, W]`` memory: on XLA's CPU
-backend several times faster than a row-wise binary search by gathers for a few hundred
-values). ``"all"``: a
-negative's count of active terms is the number of thresholds above its bucket, a positive's the
-number of negatives in the buckets below it (one flat ``[b, W]`` scatter-add into a per-row
-``[b, S + 1]`` histogram, then a cumulative sum). ``"semi_hard"``: the per-bucket minima (one
-scatter-min), whose reverse cumulative minimum is each positive's closest harder negative; the
-chosen negatives are marked by value (bucket minima, one gather), tied ones sharing the
-coefficient as in the slotted path (one more scatter-add counts the ties, one gather hands the
-coefficients back). The sorted slots' own values are added at their columns by one
-``[b, S]`` scatter into the coefficient pass's output
+in the sorted labels (:func:`~dml_jax.losses._windows.label_runs`). A bucketed path gathers
+those runs into ``S`` slots (``S`` = 128 or 512, whichever holds both runs of every anchor)
+and sorts them (``[b, S]``, by counting each slot's predecessors: :func:`_stable_order`);
+each negative's bucket, the number of sorted positive values (``"all"``: thresholds
+``d_ap + margin``) at or below it, comes from ``O(b S W)`` fused comparisons, 32 slots at a
+time and only as many chunks as the fullest anchor fills (:func:`_count_below`; ``[b, W]``
+memory: on XLA's CPU backend several times faster than a row-wise binary search by gathers
+for a few hundred values). ``"all"``: a negative's count of active terms is the number of
+thresholds above its bucket, a positive's the number of negatives in the buckets below it (one
+flat ``[b, W]`` scatter-add into a per-row ``[b, S + 1]`` histogram, then a cumulative sum).
+``"semi_hard"``: the per-bucket minima (one scatter-min), whose reverse cumulative minimum is
+each positive's closest harder negative; the chosen negatives are marked by value (bucket
+minima, one gather), tied ones sharing the coefficient as in the slotted path (one more
+scatter-add counts the ties, one gather hands the coefficients back). The sorted slots' own
+values are added at their columns by one ``[b, S]`` scatter into the coefficient pass's output
 (:func:`~dml_jax.losses._windows.add_at_columns`): ``O(b S W)`` comparisons and ``O(b W)``
 scatters and gathers, a few ``[b, W]`` arrays, no ``[b, W]`` sort. Only an anchor whose two
 runs span more than 512 columns (a class with that many rows in the batch and memory), or
@@ -68,8 +67,6 @@ from dml_jax.losses.memory import XBMState, with_memory
 MINING = ("all", "batch_hard", "semi_hard")
 # index [b] -> each row's distance [b] to its column index[a], differentiable.
 DistanceTo = Callable[[jax.Array], jax.Array]
-# Static bounds on an anchor's positive slots in the bucketed path (with a memory).
-BUCKET_SIZES = (128, 512)
 # Thresholds compared per fused reduction in `_count_below` (XLA's CPU reductions over a
 # short minor axis of booleans vectorise; wider ones, or float sums, are many times slower).
 _COMPARE_CHUNK = 32
@@ -327,45 +324,16 @@ def _row_buckets(op, values, buckets, width, init):
     return out.reshape(rows, width)
 
 
-def _label_runs(batch, split):
-    """Each row's runs of same-label columns among the batch columns ``[0, split)`` and among
-    the memory columns ``[split, W)``, from the label-sorted columns (no ``[b, W]`` pass):
-    ``(first_batch, span_batch, first_memory, span_memory)``, int32 ``[b]`` (span 0 for an
-    invalid row), and ``ordered``, a bool scalar: both parts' valid labels are sorted (invalid
-    columns last), so every positive of a row lies in its runs. A run spans the valid columns
-    of the row's label (the batch run may hold the row itself, which is no positive):
-    ``O((b + W) log W)`` work, where scanning the ``[b, W]`` mask for each row's first and
-    last positive took three passes over it."""
-    top = jnp.iinfo(jnp.int32).max
-    key = jnp.where(batch.col_valid, batch.col_labels, top)
-
-    def run(part, offset):
-        lo = jnp.searchsorted(part, batch.row_labels, side="left").astype(jnp.int32)
-        hi = jnp.searchsorted(part, batch.row_labels, side="right").astype(jnp.int32)
-        span = jnp.where(batch.row_valid, hi - lo, 0)
-        return offset + jnp.where(span > 0, lo, 0), span, jnp.all(part[1:] >= part[:-1])
-
-    first_b, span_b, sorted_b = run(key[:split], 0)
-    first_m, span_m, sorted_m = run(key[split:], split)
-    return (first_b, span_b, first_m, span_m), sorted_b & sorted_m
-
-
 def _pack_runs(d, batch, runs, slots):
     """Each row's positives, in ``slots`` slots taken from its two runs (``runs``: see
-    :func:`_label_runs`), sorted by distance: ``(d_ap [b, S], filled [b, S], cols [b, S])``
-    (unfilled: ``inf``; ``cols``: each sorted slot's column, clipped to the last one past
-    both runs).
+    :func:`~dml_jax.losses._windows.label_runs`), sorted by distance: ``(d_ap [b, S], filled
+    [b, S], cols [b, S])`` (unfilled: ``inf``; ``cols``: each sorted slot's column, clipped to
+    the last one past both runs).
 
     A row's positives must lie in its two runs, and the runs' spans sum to at most ``slots``
     (true for label-sorted batch and memory columns when no label has that many positives).
     """
-    width = d.shape[1]
-    first_b, span_b, first_m, span_m = runs
-    slot = jnp.arange(slots, dtype=jnp.int32)[None, :]
-    cols = jnp.where(slot < span_b[:, None], first_b[:, None] + slot,
-                     first_m[:, None] + slot - span_b[:, None])
-    cols = jnp.clip(cols, 0, width - 1)  # only the slots past both runs are clipped
-    filled = (slot < (span_b + span_m)[:, None]) & jnp.take_along_axis(batch.pos, cols, axis=1)
+    cols, filled = _windows.run_window(batch.pos, runs, slots)
     d_ap = jnp.where(filled, jnp.take_along_axis(d, cols, axis=1), jnp.inf)
     order = _stable_order(d_ap)
     d_ap = jnp.take_along_axis(d_ap, order, axis=1, mode="promise_in_bounds")
@@ -486,12 +454,12 @@ def _mined_total(d, batch, margin, slotted, fallback, bucketed=None, symmetric=F
     ``C`` and ``n_active`` come, without a memory, from ``slotted(d, batch, start, margin,
     slots)`` with the smallest slot count whose window from each row's first positive holds
     all its positives; with a memory, from ``bucketed(d, batch, margin, runs, slots)`` with
-    the smallest of ``BUCKET_SIZES`` that holds every row's two runs of same-label columns
-    (:func:`_label_runs`: batch and memory columns); else from ``fallback(d, batch,
-    margin)``. The mining runs on constants: the
-    gradient is ``C``, through the one ``[b, B]`` product. ``symmetric``: ``d`` is the batch
-    against itself (symmetric); ``sum(C * d)`` then equals ``sum((C + C^T) / 2 * d)``, whose
-    symmetric cotangent lets the distances take their one-product gradient
+    the smallest of ``_windows.RUN_SIZES`` that holds every row's two runs of same-label
+    columns (:func:`~dml_jax.losses._windows.run_choice`: batch and memory columns); else
+    from ``fallback(d, batch, margin)``. The mining runs on constants: the gradient is ``C``,
+    through the one ``[b, B]`` product. ``symmetric``: ``d`` is the batch against itself
+    (symmetric); ``sum(C * d)`` then equals ``sum((C + C^T) / 2 * d)``, whose symmetric
+    cotangent lets the distances take their one-product gradient
     (:func:`dml_jax.losses._batch.self_distances`) instead of a second, transposed product.
     The ``"all"`` slotted path builds ``C^T`` entry by entry (column thresholds, a transposed
     scatter); the others transpose ``C`` (one strided ``[B, B]`` pass).
@@ -499,12 +467,11 @@ def _mined_total(d, batch, margin, slotted, fallback, bucketed=None, symmetric=F
     const = jax.lax.stop_gradient(d)
     split = d.shape[1] - batch.memory.shape[0]  # the batch columns; the memory's after
     if bucketed is not None and split < d.shape[1]:
-        runs, ordered = _label_runs(batch, split)
-        need = jnp.searchsorted(jnp.asarray(BUCKET_SIZES), jnp.max(runs[1] + runs[3]))
-        index = jnp.where(ordered, need, len(BUCKET_SIZES))  # len(BUCKET_SIZES) -> fallback
-        branches = [
-            lambda d, b, runs, s=s: bucketed(d, b, margin, runs, s) for s in BUCKET_SIZES
-        ]
+        sizes = _windows.RUN_SIZES
+        runs, index = _windows.run_choice(  # len(sizes) -> the fallback
+            batch.row_labels, batch.row_valid, batch.col_labels, batch.col_valid, split, sizes
+        )
+        branches = [lambda d, b, runs, s=s: bucketed(d, b, margin, runs, s) for s in sizes]
         where_from = runs
     else:
         where_from, index = _windows.slot_choice(  # the first positives

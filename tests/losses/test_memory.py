@@ -219,7 +219,7 @@ def test_bad_memories_are_refused():
 
 
 # The triplet miners' branches with a memory: the bucketed path (positives in two runs of at
-# most BUCKET_SIZES slots) and the sort-based fallback, each forced by making every other
+# most RUN_SIZES slots) and the sort-based fallback, each forced by making every other
 # branch return NaN (a switch that took one would fail the comparison).
 TRIPLET_PATHS = {
     "all": ("_all_slotted", "_all_bucketed", "_all_sorted"),
@@ -240,7 +240,7 @@ def force_triplet_branch(monkeypatch, mining, branch):
             monkeypatch.setattr(triplet, name, _nan_branch)
     # Slot bounds that send every test view (some row has a positive) to ``branch``.
     monkeypatch.setattr(_windows, "SLOT_SIZES", (128,) if branch == "slotted" else (0,))
-    monkeypatch.setattr(triplet, "BUCKET_SIZES", (128,) if branch == "bucketed" else (0,))
+    monkeypatch.setattr(_windows, "RUN_SIZES", (128,) if branch == "bucketed" else (0,))
 
 
 def mined_triplet(x, y, state, where, *, as_plain_columns=False, sort_by_label=True,
