@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from dml_jax import _checks, parallel
-from dml_jax.losses import _batch
+from dml_jax.losses import _batch, _windows
 from dml_jax.losses.memory import XBMState, with_memory
 
 QUERY_WEIGHTINGS = ("uniform", "official")
@@ -40,28 +40,58 @@ def _lists(d, pos, neg, margin, alpha, t_n, t_p) -> _Lists:
 _FIXED_SHIFT_SPAN = 80.0
 
 
-def _shifts(lists: _Lists, alpha, t_n, t_p) -> tuple[jax.Array, jax.Array]:
-    """Per row, the shifts ``(top_p, top_n)`` float32 ``[b]`` that keep every ``exp(x - top)``
-    of a list in ``(0, 1]`` without underflow: on ``N*`` (``0 <= d < alpha``) the exponents
-    lie between 0 and ``T_n alpha``, so when ``|T_n alpha| <= 80`` the fixed shift
-    ``max(T_n alpha, 0)`` serves (no pass over ``[b, M]``); on ``P*`` they are all 0 when
-    ``T_p = 0``. Otherwise the row's largest exponent on its list (0 for an empty one)."""
+def _negative_shift(x_n, in_n, alpha, t_n) -> jax.Array:
+    """Per row, the shift ``top_n`` float32 ``[b]`` that keeps every ``exp(x - top_n)`` of
+    ``N*`` in ``(0, 1]`` without underflow: its exponents lie between 0 and ``T_n alpha``
+    (``0 <= d < alpha``), so when ``|T_n alpha| <= 80`` the fixed shift ``max(T_n alpha, 0)``
+    serves (no pass over ``[b, M]``); otherwise the row's largest exponent on ``N*`` (0 for an
+    empty list)."""
     # A [b] zero derived from the rows (never NaN), so that under shard_map both branches of a
     # cond vary across devices alike.
-    zero = jnp.where(lists.in_p[:, 0], 0.0, 0.0)
-    top_n = jax.lax.cond(
+    zero = jnp.where(in_n[:, 0], 0.0, 0.0)
+    return jax.lax.cond(
         jnp.abs(t_n * alpha) <= _FIXED_SHIFT_SPAN,
         lambda: zero + jnp.maximum(t_n * alpha, 0.0),
-        lambda: _batch.masked_max(lists.x_n, lists.in_n, axis=1),
+        lambda: _batch.masked_max(x_n, in_n, axis=1),
     )
-    top_p = jax.lax.cond(
-        t_p == 0, lambda: zero, lambda: _batch.masked_max(lists.x_p, lists.in_p, axis=1)
-    )
-    return top_p, top_n
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
-def _per_query(d, pos, neg, margin, alpha, t_n, t_p, symmetric):
+def _positive_sums(d, in_p, boundary, t_p):
+    """``(top_p, W_P, sum of w+ d)`` float32 ``[b]`` over each row's ``P*``, ``in_p`` among
+    ``d`` (``[b, K]``: whole rows or windows of them). ``top_p`` shifts the exponents (0 when
+    ``T_p = 0``, where the weights are 1 without an exponential; else the row's largest
+    exponent on ``P*``, 0 for an empty list)."""
+    x_p = t_p * (d - boundary)
+    zero = jnp.where(in_p[:, 0], 0.0, 0.0)  # as in `_negative_shift`
+    top_p = jax.lax.cond(t_p == 0, lambda: zero, lambda: _batch.masked_max(x_p, in_p, axis=1))
+    w_p = jnp.where(in_p, jnp.where(t_p == 0, 1.0, jnp.exp(x_p - top_p[:, None])), 0.0)
+    return top_p, jnp.sum(w_p, axis=1), jnp.sum(w_p * d, axis=1)
+
+
+def _dense_positive_sums(d, pos, runs, boundary, t_p):
+    del runs
+    return _positive_sums(d, pos & (d > boundary), boundary, t_p)
+
+
+def _window_positive_sums(d, pos, runs, boundary, t_p, *, slots):
+    cols, filled = _windows.run_window(pos, runs, slots)
+    d = jnp.take_along_axis(d, cols, axis=1)
+    return _positive_sums(d, filled & (d > boundary), boundary, t_p)
+
+
+def _positive_terms(d, pos, runs, run_index, boundary, t_p, sizes):
+    """:func:`_positive_sums` on each row's window of positives (:mod:`~dml_jax.losses._windows`:
+    the smallest of ``sizes`` that holds both its runs, ``run_index``) or, when none does
+    (``run_index == len(sizes)``), on whole rows: a row's positives are a few dozen of its
+    ``M`` columns, and the dense form spends a mask and two reductions over ``[b, M]`` on
+    them."""
+    branches = [functools.partial(_window_positive_sums, slots=s) for s in sizes]
+    branches.append(_dense_positive_sums)  # the last index
+    return jax.lax.switch(run_index, branches, d, pos, runs, boundary, t_p)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(9, 10))
+def _per_query(d, pos, neg, runs, run_index, margin, alpha, t_n, t_p, symmetric, sizes):
     """``(L_P [b], L_N [b], log W_P [b], log W_N [b])`` of each query (see
     :func:`ranked_list_loss`; ``W`` its total mined weight, ``NEG_LARGE`` when its list is
     empty). Only ``d`` ``[b, M]`` takes a gradient, ``sum_j w_ij / W_i`` per list (the weights
@@ -69,24 +99,27 @@ def _per_query(d, pos, neg, margin, alpha, t_n, t_p, symmetric):
     and symmetric masks) the cotangent handed back is the symmetric ``(H + H^T) / 2``, which
     gives the points the same gradient and lets :func:`dml_jax.losses._batch.self_gram` take
     its one-product path. It is evaluated per entry with the column's row constants, so no
-    ``[B, B]`` transpose is formed. Holds ``[b, M]`` temporaries only.
+    ``[B, B]`` transpose is formed. The positive lists are summed on windows of the label-
+    ordered columns (``runs``, ``run_index``, ``sizes``: :func:`_positive_terms`). Holds
+    ``[b, M]`` temporaries only.
     """
-    return _per_query_fwd(d, pos, neg, margin, alpha, t_n, t_p, symmetric)[0]
+    return _per_query_fwd(d, pos, neg, runs, run_index, margin, alpha, t_n, t_p, symmetric,
+                          sizes)[0]
 
 
-def _per_query_fwd(d, pos, neg, margin, alpha, t_n, t_p, symmetric):
-    lists = _lists(d, pos, neg, margin, alpha, t_n, t_p)
-    top_p, top_n = _shifts(lists, alpha, t_n, t_p)
+def _per_query_fwd(d, pos, neg, runs, run_index, margin, alpha, t_n, t_p, symmetric, sizes):
+    del symmetric
     boundary = alpha - margin
-    # T_p = 0 (the default) makes the positive weights 1: no exponential when it is a constant.
-    w_p = jnp.where(lists.in_p, jnp.where(t_p == 0, 1.0, jnp.exp(lists.x_p - top_p[:, None])), 0.0)
+    lists = _lists(d, pos, neg, margin, alpha, t_n, t_p)  # its P* mask goes unused here
+    top_n = _negative_shift(lists.x_n, lists.in_n, alpha, t_n)
     w_n = jnp.where(lists.in_n, jnp.exp(lists.x_n - top_n[:, None]), 0.0)
-    total_p, total_n = jnp.sum(w_p, axis=1), jnp.sum(w_n, axis=1)
+    top_p, total_p, weighted_p = _positive_terms(d, pos, runs, run_index, boundary, t_p, sizes)
+    total_n = jnp.sum(w_n, axis=1)
     has_p, has_n = total_p > 0, total_n > 0
     safe_p, safe_n = jnp.where(has_p, total_p, 1.0), jnp.where(has_n, total_n, 1.0)
     # The weighted means of d - boundary and alpha - d, from the weighted sums of d: the
     # shifted copies of d would each be one more [b, M] array for the reductions to read.
-    loss_p = jnp.where(has_p, jnp.sum(w_p * d, axis=1) / safe_p - boundary, 0.0)
+    loss_p = jnp.where(has_p, weighted_p / safe_p - boundary, 0.0)
     loss_n = jnp.where(has_n, alpha - jnp.sum(w_n * d, axis=1) / safe_n, 0.0)
     log_w_p = jnp.where(has_p, jnp.log(safe_p) + top_p, _batch.NEG_LARGE)
     log_w_n = jnp.where(has_n, jnp.log(safe_n) + top_n, _batch.NEG_LARGE)
@@ -94,7 +127,7 @@ def _per_query_fwd(d, pos, neg, margin, alpha, t_n, t_p, symmetric):
     return (loss_p, loss_n, log_w_p, log_w_n), residuals
 
 
-def _per_query_bwd(symmetric, residuals, cotangents):
+def _per_query_bwd(symmetric, sizes, residuals, cotangents):
     d, pos, neg, margin, alpha, t_n, t_p, top_p, top_n, total_p, total_n = residuals
     g_p, g_n = cotangents[0], cotangents[1]  # the log-weights carry no gradient
     lists = _lists(d, pos, neg, margin, alpha, t_n, t_p)
@@ -111,7 +144,8 @@ def _per_query_bwd(symmetric, residuals, cotangents):
         grad = 0.5 * (grad + coefficient(k_p[None, :], k_n[None, :], top_p[None, :],
                                          top_n[None, :]))
     grad = jnp.where(in_p | lists.in_n, grad, 0.0)
-    return (grad, None, None, *(jnp.zeros_like(h) for h in (margin, alpha, t_n, t_p)))
+    return (grad, None, None, None, None,
+            *(jnp.zeros_like(h) for h in (margin, alpha, t_n, t_p)))
 
 
 _per_query.defvjp(_per_query_fwd, _per_query_bwd)
@@ -131,17 +165,27 @@ def ranked_list_from_distances(
     query_weighting: str,
     axis_name: str | None,
     symmetric: bool = False,
+    positive_runs: tuple[_windows.Runs, jax.Array] | None = None,
+    run_sizes: tuple[int, ...] = (),
 ) -> jax.Array:
     """The Ranked List Loss from distances ``d`` ``[b, M]`` and masks ``pos``/``neg``.
 
     ``symmetric``: ``d`` is a symmetric function of the points, with symmetric masks (the
     batch against itself, no ``axis_name``): the cotangent of ``d`` is then symmetric (see
-    :func:`_per_query`).
+    :func:`_per_query`). ``positive_runs``: each row's runs of same-label columns and the
+    index of the smallest of ``run_sizes`` that holds them
+    (:func:`dml_jax.losses._windows.run_choice`, label-ordered columns): the positive lists
+    are then summed on those windows; without them, on whole rows.
     """
     f32 = functools.partial(jnp.asarray, dtype=jnp.float32)
     d = f32(d)
+    if positive_runs is None:  # the dense form only
+        zeros = jnp.zeros(d.shape[:1], jnp.int32)
+        positive_runs, run_sizes = (_windows.Runs(zeros, zeros, zeros, zeros), 0), ()
+    runs, run_index = positive_runs
     loss_p, loss_n, log_w_p, log_w_n = _per_query(
-        d, pos, neg, f32(margin), f32(alpha), f32(t_n), f32(t_p), symmetric
+        d, pos, neg, runs, jnp.asarray(run_index, jnp.int32), f32(margin), f32(alpha),
+        f32(t_n), f32(t_p), symmetric, tuple(run_sizes),
     )
     per_query = (1.0 - lam) * loss_p + lam * loss_n  # [b]
     if query_weighting == "uniform":
@@ -221,11 +265,20 @@ def ranked_list_loss(
       CVPR 2019; Wang, Hua, Kodirov, Robertson, TPAMI extension (arXiv 1903.03238).
     """
     _checks.check_choice(query_weighting, "query_weighting", QUERY_WEIGHTINGS)
-    batch = with_memory(_batch.pair_batch(embeddings, labels, where, axis_name), memory)
+    # Label-ordered columns put each row's positives in two runs (batch and memory columns),
+    # on whose windows the positive lists are summed (see `_positive_terms`).
+    batch = _batch.pair_batch(embeddings, labels, where, axis_name, sort_by_label=True)
+    batch = with_memory(batch, memory, sort_by_label=True)
     symmetric = axis_name is None and memory is None
     d = _batch.distances_of(batch, axis_name, symmetric=symmetric)
+    sizes = _windows.SLOT_SIZES if memory is None else _windows.RUN_SIZES
+    positive_runs = _windows.run_choice(
+        batch.row_labels, batch.row_valid, batch.col_labels, batch.col_valid,
+        d.shape[1] - batch.memory.shape[0], sizes,
+    )
     return ranked_list_from_distances(
         d, batch.pos, batch.neg, batch.row_valid,
         margin=margin, alpha=alpha, t_n=t_n, t_p=t_p, lam=lam,
         query_weighting=query_weighting, axis_name=axis_name, symmetric=symmetric,
+        positive_runs=positive_runs, run_sizes=sizes,
     )

@@ -166,6 +166,32 @@ def test_value_and_gradient_match_loop_reference(case, memory):
     assert np.any(np.asarray(grad) != 0)
 
 
+@pytest.mark.parametrize("class_rows,t_p", [(100, 1.0), (300, 0.0), (520, 1.0)])
+def test_ranked_list_every_window_matches_loop_reference(class_rows, t_p):
+    """The ranked list sums each row's positive list on a window of its two runs of
+    label-ordered columns (batch and memory): 128 or 512 slots, the smallest that holds the
+    largest class's runs, or whole rows past 512. A memory whose class 0 has ``class_rows``
+    rows (scattered among other labels' rows) sends the view to each path in turn."""
+    rng = np.random.default_rng(class_rows)
+    size = class_rows + 40
+    y_mem = np.concatenate([np.zeros(class_rows), rng.integers(1, 6, size=40)])
+    mem = [(rng.normal(size=(size, DIM)).astype(np.float32),
+            y_mem[rng.permutation(size)].astype(np.int32), np.ones(size, bool))]
+    state, (mem_e, mem_y, valid, _) = filled(size, mem)
+    entries = refm.memory_entries(mem_e, mem_y, valid)
+    e, y, where = loss_batch()
+    kw = {"margin": 1.0, "alpha": 3.0, "t_p": t_p}
+    value, grad = jax.value_and_grad(
+        lambda x: losses.ranked_list_loss(x, y, memory=state, where=where, **kw)
+    )(e)
+    np.testing.assert_allclose(value, refm.ranked_list(e, y, entries, where=where, **kw),
+                               **VALUE_TOL)
+    expected = ref.numerical_grad(
+        lambda x: refm.ranked_list(x, y, entries, where=where, weights_at=e, **kw), e
+    )
+    np.testing.assert_allclose(grad, expected, **GRAD_TOL)
+
+
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_memory_none_is_the_plain_loss_and_an_empty_memory_changes_nothing(case):
     _, fn, _, kwargs = case

@@ -102,6 +102,22 @@ def test_ranked_list_weight_shifts_match_loop_reference(t_p, t_n):
     assert np.abs(grad).max() > 1e-3
 
 
+@pytest.mark.parametrize("class_size,t_p", [(2, 1.0), (5, 0.0), (20, 1.0), (33, 0.0)])
+def test_ranked_list_every_positive_set_size_matches_reference(class_size, t_p):
+    """The positive lists are summed on each row's window of 2, 8 or 32 label-ordered columns
+    (the smallest that holds the largest class, the row itself included), or over whole rows
+    for a class of 33: each path, with uniform and exponential positive weights, against the
+    loop reference. The rows come shuffled, so only the label order makes a class one run."""
+    rng = np.random.default_rng(class_size)
+    y = np.concatenate([np.zeros(class_size), [1, 1, 2, 2, 3]]).astype(np.int32)
+    e, y = rng.normal(size=(len(y), 2)).astype(np.float32), y[rng.permutation(len(y))]
+    kw = {"alpha": 2.4, "margin": 1.6, "t_p": t_p}
+    value, grad = jax.value_and_grad(lambda x: losses.ranked_list_loss(x, y, **kw))(e)
+    np.testing.assert_allclose(value, ref.ranked_list(e, y, **kw), **VALUE_TOL)
+    expected = ref.numerical_grad(lambda x: ref.ranked_list(x, y, weights_at=e, **kw), e)
+    np.testing.assert_allclose(grad, expected, **GRAD_TOL)
+
+
 @pytest.mark.parametrize(
     "case", [c for c in SEED + SEED_PAIRS if has_frozen_weights(c)],
     ids=[c[0] for c in SEED + SEED_PAIRS if has_frozen_weights(c)],
