@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from dml_jax import _checks, distances, parallel
-from dml_jax.losses import _batch, _classify
+from dml_jax.losses import _batch, _classify, _windows
 
 KERNELS = ("paper", "official")
 ATTENTIONS = ("softmax", "gaussian")
@@ -38,6 +38,55 @@ def class_aware_attention(
     return jnp.where(in_range, p, 0.0)
 
 
+def _positive_weights(sq, mask, a_rows, a_cols, width):
+    """The constant OSM weights ``w+ = exp(-d^2 / width) min(a_i, a_j)`` where ``mask``, else
+    0: elementwise over the broadcast shape of ``sq`` ``[b, K]``, ``a_rows`` ``[b, 1]`` and
+    ``a_cols`` (``[1, K]`` or ``[b, K]``)."""
+    return jnp.where(mask, jnp.exp(-sq / width) * jnp.minimum(a_rows, a_cols), 0.0)
+
+
+def _dense_positive_sums(sq, pos, a_rows, a_cols, width, runs):
+    del runs
+    w = _positive_weights(sq, pos, a_rows[:, None], a_cols[None, :], width)
+    return _batch.masked_sum(w * sq, pos), jnp.sum(w)
+
+
+def _window_positive_sums(sq, pos, a_rows, a_cols, width, runs, *, slots):
+    cols, filled = _windows.run_window(pos, runs, slots)
+    sq = jnp.take_along_axis(sq, cols, axis=1)
+    w = _positive_weights(sq, filled, a_rows[:, None], a_cols[cols], width)
+    return _batch.masked_sum(w * sq, filled), jnp.sum(w)
+
+
+def _positive_sums_fwd(sq, pos, a_rows, a_cols, width, runs, run_index, sizes):
+    branches = [functools.partial(_window_positive_sums, slots=s) for s in sizes]
+    branches.append(_dense_positive_sums)  # the last index
+    sums = jax.lax.switch(run_index, branches, sq, pos, a_rows, a_cols, width, runs)
+    return sums, (sq, pos, a_rows, a_cols, width)
+
+
+def _positive_sums_bwd(sizes, residuals, cotangents):
+    sq, pos, a_rows, a_cols, width = residuals
+    w = _positive_weights(sq, pos, a_rows[:, None], a_cols[None, :], width)
+    # The weights are constants: only the first sum has a gradient, the weights themselves.
+    return (cotangents[0] * w, None, None, None, jnp.zeros_like(width), None, None)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def _positive_sums(sq, pos, a_rows, a_cols, width, runs, run_index, sizes):
+    """``(sum over P of w+ d^2, sum over P of w+)`` of squared distances ``sq`` ``[b, B]``,
+    positives ``pos`` and attention ``a_rows`` ``[b]`` / ``a_cols`` ``[B]``, the weights
+    ``w+`` (:func:`_positive_weights`) constants. A row's positives are a few of its ``B``
+    columns: when one window of them holds every row's (``runs``, ``run_index`` into
+    ``sizes``: :func:`dml_jax.losses._windows.column_runs`), the sums are taken there
+    (``[b, S]``); otherwise over whole rows. The gradient, ``w+`` on ``P``, is one
+    elementwise expression that XLA fuses into the distances' cotangent pass."""
+    return _positive_sums_fwd(sq, pos, a_rows, a_cols, width, runs, run_index, sizes)[0]
+
+
+_positive_sums.defvjp(_positive_sums_fwd, _positive_sums_bwd)
+
+
 def osm_caa_from_squared_distances(
     sq: jax.Array,
     pos: jax.Array,
@@ -50,24 +99,34 @@ def osm_caa_from_squared_distances(
     lam: float,
     kernel: str,
     axis_name: str | None,
+    positive_runs: tuple[_windows.Runs, jax.Array] | None = None,
+    run_sizes: tuple[int, ...] = (),
 ) -> jax.Array:
     """The OSM+CAA loss from squared distances ``sq`` ``[b, M]`` of unit-norm embeddings,
     masks ``pos``/``neg`` ``[b, M]`` and attention ``a_rows [b]``, ``a_cols [M]``.
 
-    Shared with :mod:`dml_jax.losses.symmetric`, whose columns include mined synthetic negatives.
+    ``positive_runs``: each row's run of columns that holds its positives and the index of
+    the smallest of ``run_sizes`` that holds them
+    (:func:`dml_jax.losses._windows.column_runs`): the positive sums are then taken on those
+    windows; without them, on whole rows. Shared with :mod:`dml_jax.losses.symmetric`, whose
+    columns include mined synthetic negatives.
     """
     d = distances.safe_sqrt(sq)
-    a_pair = jax.lax.stop_gradient(jnp.minimum(a_rows[:, None], a_cols[None, :]))
-    width = sigma * sigma if kernel == "paper" else 2.0 * sigma * sigma
-    sq_const = jax.lax.stop_gradient(sq)
-    w_pos = jnp.exp(-sq_const / width) * a_pair
+    a_rows, a_cols = jax.lax.stop_gradient(a_rows), jax.lax.stop_gradient(a_cols)
+    a_pair = jnp.minimum(a_rows[:, None], a_cols[None, :])
+    width = jnp.asarray(sigma * sigma if kernel == "paper" else 2.0 * sigma * sigma,
+                        jnp.float32)
     hinge = jax.nn.relu(margin - d)
-    w_neg = jax.lax.stop_gradient(hinge) * a_pair
-    w_pos = jnp.where(pos, w_pos, 0.0)
-    w_neg = jnp.where(neg, w_neg, 0.0)
-    loss_p = _batch.global_mean(
-        0.5 * _batch.masked_sum(w_pos * sq, pos), jnp.sum(w_pos), axis_name
+    w_neg = jnp.where(neg, jax.lax.stop_gradient(hinge) * a_pair, 0.0)
+    if positive_runs is None:  # the dense form only
+        zeros = jnp.zeros(sq.shape[:1], jnp.int32)
+        positive_runs, run_sizes = (_windows.Runs(zeros, zeros, zeros, zeros), 0), ()
+    runs, run_index = positive_runs
+    total_p, w_total_p = _positive_sums(
+        sq, pos, a_rows, a_cols, width, runs, jnp.asarray(run_index, jnp.int32),
+        tuple(run_sizes),
     )
+    loss_p = _batch.global_mean(0.5 * total_p, w_total_p, axis_name)
     loss_n = _batch.global_mean(
         0.5 * _batch.masked_sum(w_neg * jnp.square(hinge), neg), jnp.sum(w_neg), axis_name
     )
@@ -154,7 +213,14 @@ def osm_caa_loss(
     a_rows, a_cols = prepare_attention(
         logits, batch.row_labels, batch.row_valid, attention, axis_name
     )
+    # A class-contiguous batch (a P x K one) has each row's positives in one run of columns,
+    # on whose window the positive sums are taken (see `_positive_sums`).
+    positive_runs = _windows.column_runs(
+        batch.row_ids, batch.row_valid, batch.pos_count, batch.col_labels, batch.col_valid,
+        _windows.SLOT_SIZES,
+    )
     return osm_caa_from_squared_distances(
         sq, batch.pos, batch.neg, a_rows, a_cols,
         margin=margin, sigma=sigma, lam=lam, kernel=kernel, axis_name=axis_name,
+        positive_runs=positive_runs, run_sizes=_windows.SLOT_SIZES,
     )

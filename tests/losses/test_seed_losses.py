@@ -118,6 +118,36 @@ def test_ranked_list_every_positive_set_size_matches_reference(class_size, t_p):
     np.testing.assert_allclose(grad, expected, **GRAD_TOL)
 
 
+OSM_LAYOUTS = {  # labels in batch order: each class one run of columns, except "split"
+    "pairs": [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5],  # windows of 2
+    "class_5": [0] * 5 + [1, 1, 2, 2, 3],  # 8
+    "class_20": [1, 1] + [0] * 20 + [2, 2, 3],  # 32
+    "class_33": [0] * 33 + [1, 1, 2, 2, 3],  # more than 32: whole rows
+    "split": [0, 0, 0, 1, 1, 0, 2, 2, 3, 3],  # label 0 in two runs: whole rows
+}
+
+
+@pytest.mark.parametrize("layout", sorted(OSM_LAYOUTS))
+def test_osm_caa_every_positive_run_matches_reference(layout):
+    """OSM + CAA sums its positive pairs on each row's window of 2, 8 or 32 columns when every
+    label is one run of consecutive columns (as in a P x K batch), else over whole rows: each
+    path, with attention from logits and a padding row inside a run, against the loop
+    reference."""
+    y = np.asarray(OSM_LAYOUTS[layout], np.int32)
+    rng = np.random.default_rng(len(y))
+    e = rng.normal(size=(len(y), 3)).astype(np.float32)
+    logits = rng.normal(size=(len(y), 6)).astype(np.float32)
+    where = np.ones(len(y), bool)
+    where[1] = False
+    value, grad = jax.value_and_grad(
+        lambda x: losses.osm_caa_loss(x, y, logits, where=where)
+    )(e)
+    reference = functools.partial(ref.osm_caa, y=y, logits=logits, where=where)
+    np.testing.assert_allclose(value, reference(e), **VALUE_TOL)
+    expected = ref.numerical_grad(lambda x: reference(x, weights_at=e), e)
+    np.testing.assert_allclose(grad, expected, **GRAD_TOL)
+
+
 @pytest.mark.parametrize(
     "case", [c for c in SEED + SEED_PAIRS if has_frozen_weights(c)],
     ids=[c[0] for c in SEED + SEED_PAIRS if has_frozen_weights(c)],
