@@ -19,6 +19,8 @@ P x K batch): :func:`column_runs` finds those.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
@@ -91,6 +93,22 @@ def add_at_columns(dense: jax.Array, cols: jax.Array, values: jax.Array) -> jax.
 def scatter_rows(values: jax.Array, cols: jax.Array, width: int) -> jax.Array:
     """``out[a, cols[a, s]] += values[a, s]``: ``[b, S]`` -> ``[b, width]`` (in-range ``cols``)."""
     return add_at_columns(jnp.zeros((values.shape[0], width), jnp.float32), cols, values)
+
+
+def no_runs(rows: int) -> tuple[Runs, jax.Array]:
+    """Empty :class:`Runs` for ``rows`` rows and the index 0, which with no window sizes
+    selects the dense form in :func:`on_windows`."""
+    zeros = jnp.zeros((rows,), jnp.int32)
+    return Runs(zeros, zeros, zeros, zeros), jnp.zeros((), jnp.int32)
+
+
+def on_windows(index: jax.Array, sizes: tuple[int, ...], windowed: Callable, dense: Callable,
+               *operands):
+    """``windowed(*operands, slots=sizes[index])``, or ``dense(*operands)`` when ``index ==
+    len(sizes)``: one ``lax.switch`` (both return the same shapes)."""
+    branches = [functools.partial(windowed, slots=s) for s in sizes]
+    branches.append(dense)  # the last index
+    return jax.lax.switch(index, branches, *operands)
 
 
 def label_runs(row_labels, row_valid, col_labels, col_valid, split) -> tuple[Runs, jax.Array]:

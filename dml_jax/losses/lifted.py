@@ -54,12 +54,12 @@ def _slotted_positive_terms(d, row_lse, col_lse, pos, pos_margin, *, grads, star
 def _positive_terms(d, row_lse, col_lse, pos, pos_count, pos_margin, grads):
     """The slotted path whose window holds every row's positives, else the dense one."""
     start, index = _windows.slot_choice(pos, pos_count, _windows.SLOT_SIZES)
-    branches = [
-        functools.partial(_slotted_positive_terms, grads=grads, start=start, slots=s)
-        for s in _windows.SLOT_SIZES
-    ]
-    branches.append(functools.partial(_dense_positive_terms, grads=grads))  # the last index
-    return jax.lax.switch(index, branches, d, row_lse, col_lse, pos, pos_margin)
+    return _windows.on_windows(
+        index, _windows.SLOT_SIZES,
+        functools.partial(_slotted_positive_terms, grads=grads, start=start),
+        functools.partial(_dense_positive_terms, grads=grads),
+        d, row_lse, col_lse, pos, pos_margin,
+    )
 
 
 def _positive_total_fwd(d, row_lse, col_lse, pos, pos_count, pos_margin):

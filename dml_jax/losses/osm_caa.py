@@ -59,9 +59,8 @@ def _window_positive_sums(sq, pos, a_rows, a_cols, width, runs, *, slots):
 
 
 def _positive_sums_fwd(sq, pos, a_rows, a_cols, width, runs, run_index, sizes):
-    branches = [functools.partial(_window_positive_sums, slots=s) for s in sizes]
-    branches.append(_dense_positive_sums)  # the last index
-    sums = jax.lax.switch(run_index, branches, sq, pos, a_rows, a_cols, width, runs)
+    sums = _windows.on_windows(run_index, sizes, _window_positive_sums, _dense_positive_sums,
+                               sq, pos, a_rows, a_cols, width, runs)
     return sums, (sq, pos, a_rows, a_cols, width)
 
 
@@ -119,8 +118,7 @@ def osm_caa_from_squared_distances(
     hinge = jax.nn.relu(margin - d)
     w_neg = jnp.where(neg, jax.lax.stop_gradient(hinge) * a_pair, 0.0)
     if positive_runs is None:  # the dense form only
-        zeros = jnp.zeros(sq.shape[:1], jnp.int32)
-        positive_runs, run_sizes = (_windows.Runs(zeros, zeros, zeros, zeros), 0), ()
+        positive_runs, run_sizes = _windows.no_runs(sq.shape[0]), ()
     runs, run_index = positive_runs
     total_p, w_total_p = _positive_sums(
         sq, pos, a_rows, a_cols, width, runs, jnp.asarray(run_index, jnp.int32),

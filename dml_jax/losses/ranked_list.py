@@ -85,9 +85,8 @@ def _positive_terms(d, pos, runs, run_index, boundary, t_p, sizes):
     (``run_index == len(sizes)``), on whole rows: a row's positives are a few dozen of its
     ``M`` columns, and the dense form spends a mask and two reductions over ``[b, M]`` on
     them."""
-    branches = [functools.partial(_window_positive_sums, slots=s) for s in sizes]
-    branches.append(_dense_positive_sums)  # the last index
-    return jax.lax.switch(run_index, branches, d, pos, runs, boundary, t_p)
+    return _windows.on_windows(run_index, sizes, _window_positive_sums, _dense_positive_sums,
+                               d, pos, runs, boundary, t_p)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(9, 10))
@@ -99,8 +98,8 @@ def _per_query(d, pos, neg, runs, run_index, margin, alpha, t_n, t_p, symmetric,
     and symmetric masks) the cotangent handed back is the symmetric ``(H + H^T) / 2``, which
     gives the points the same gradient and lets :func:`dml_jax.losses._batch.self_gram` take
     its one-product path. It is evaluated per entry with the column's row constants, so no
-    ``[B, B]`` transpose is formed. The positive lists are summed on windows of the label-
-    ordered columns (``runs``, ``run_index``, ``sizes``: :func:`_positive_terms`). Holds
+    ``[B, B]`` transpose is formed. The positive lists are summed on windows of the columns
+    ordered by label (``runs``, ``run_index``, ``sizes``: :func:`_positive_terms`). Holds
     ``[b, M]`` temporaries only.
     """
     return _per_query_fwd(d, pos, neg, runs, run_index, margin, alpha, t_n, t_p, symmetric,
@@ -180,8 +179,7 @@ def ranked_list_from_distances(
     f32 = functools.partial(jnp.asarray, dtype=jnp.float32)
     d = f32(d)
     if positive_runs is None:  # the dense form only
-        zeros = jnp.zeros(d.shape[:1], jnp.int32)
-        positive_runs, run_sizes = (_windows.Runs(zeros, zeros, zeros, zeros), 0), ()
+        positive_runs, run_sizes = _windows.no_runs(d.shape[0]), ()
     runs, run_index = positive_runs
     loss_p, loss_n, log_w_p, log_w_n = _per_query(
         d, pos, neg, runs, jnp.asarray(run_index, jnp.int32), f32(margin), f32(alpha),
