@@ -1,5 +1,5 @@
 """Each row's positive columns as one window of a static size: the slotted paths of the
-triplet miners, the lifted structured loss and the ranked list loss.
+triplet miners, the lifted structured loss, the ranked list loss and OSM + CAA.
 
 With columns ordered by label (``pair_batch(sort_by_label=True)``) or a class-balanced batch's
 own order, a row's positives are one run of columns. The window of ``S`` columns from the
