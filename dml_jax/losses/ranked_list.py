@@ -28,11 +28,15 @@ class _Lists(NamedTuple):
     x_n: jax.Array
 
 
+def _positive_list(d, pos, boundary, t_p) -> tuple[jax.Array, jax.Array]:
+    """``P*`` among the positives ``pos`` (``d > alpha - m``) and its exponents, elementwise
+    over ``d`` (whole ``[b, M]`` rows or ``[b, S]`` windows of them)."""
+    return pos & (d > boundary), t_p * (d - boundary)
+
+
 def _lists(d, pos, neg, margin, alpha, t_n, t_p) -> _Lists:
-    boundary = alpha - margin
-    in_p = pos & (d > boundary)
-    in_n = neg & (d < alpha)
-    return _Lists(in_p, in_n, t_p * (d - boundary), t_n * (alpha - d))
+    in_p, x_p = _positive_list(d, pos, alpha - margin, t_p)
+    return _Lists(in_p, neg & (d < alpha), x_p, t_n * (alpha - d))
 
 
 # A fixed shift is used for a list whose exponents span at most this much: exp(x - top) then
@@ -56,12 +60,12 @@ def _negative_shift(x_n, in_n, alpha, t_n) -> jax.Array:
     )
 
 
-def _positive_sums(d, in_p, boundary, t_p):
-    """``(top_p, W_P, sum of w+ d)`` float32 ``[b]`` over each row's ``P*``, ``in_p`` among
-    ``d`` (``[b, K]``: whole rows or windows of them). ``top_p`` shifts the exponents (0 when
-    ``T_p = 0``, where the weights are 1 without an exponential; else the row's largest
-    exponent on ``P*``, 0 for an empty list)."""
-    x_p = t_p * (d - boundary)
+def _positive_sums(d, pos, boundary, t_p):
+    """``(top_p, W_P, sum of w+ d)`` float32 ``[b]`` over each row's ``P*`` among the
+    positives ``pos`` of ``d`` (``[b, K]``: whole rows or windows of them). ``top_p`` shifts
+    the exponents (0 when ``T_p = 0``, where the weights are 1 without an exponential; else the
+    row's largest exponent on ``P*``, 0 for an empty list)."""
+    in_p, x_p = _positive_list(d, pos, boundary, t_p)
     zero = jnp.where(in_p[:, 0], 0.0, 0.0)  # as in `_negative_shift`
     top_p = jax.lax.cond(t_p == 0, lambda: zero, lambda: _batch.masked_max(x_p, in_p, axis=1))
     w_p = jnp.where(in_p, jnp.where(t_p == 0, 1.0, jnp.exp(x_p - top_p[:, None])), 0.0)
@@ -70,13 +74,13 @@ def _positive_sums(d, in_p, boundary, t_p):
 
 def _dense_positive_sums(d, pos, runs, boundary, t_p):
     del runs
-    return _positive_sums(d, pos & (d > boundary), boundary, t_p)
+    return _positive_sums(d, pos, boundary, t_p)
 
 
 def _window_positive_sums(d, pos, runs, boundary, t_p, *, slots):
     cols, filled = _windows.run_window(pos, runs, slots)
     d = jnp.take_along_axis(d, cols, axis=1)
-    return _positive_sums(d, filled & (d > boundary), boundary, t_p)
+    return _positive_sums(d, filled, boundary, t_p)
 
 
 def _positive_terms(d, pos, runs, run_index, boundary, t_p, sizes):
