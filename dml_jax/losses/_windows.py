@@ -54,23 +54,57 @@ def window(pos: jax.Array, start: jax.Array, slots: int) -> tuple[jax.Array, jax
     return cols, inside & jnp.take_along_axis(pos, cols, axis=1)
 
 
+def first_positive(pos: jax.Array) -> jax.Array:
+    """Each row's first positive column in the mask ``pos`` ``[b, W]``, int32 ``[b]`` (0
+    without one): a min-reduction of column indices over the mask (argmax's variadic
+    reduction runs scalar on XLA's CPU backend)."""
+    width = pos.shape[1]
+    first = jnp.min(jnp.where(pos, jnp.arange(width, dtype=jnp.int32)[None, :], width), axis=1)
+    return jnp.where(first < width, first, 0)
+
+
+def first_same_label(batch) -> jax.Array:
+    """:func:`first_positive` of ``batch.pos`` ``[b, W]`` for a
+    :class:`~dml_jax.losses._batch.PairBatch` without a memory, whose positives are the
+    same-label valid columns other than the row itself (``row_ids != col_ids``), without the
+    ``[b, W]`` pass when the columns are ordered by label (invalid ones last, as
+    ``pair_batch(sort_by_label=True)`` leaves them): each row's label run then starts at a
+    binary search in the ``[W]`` labels, and its first positive is that column, or the next
+    one where the row itself comes first. ``O((b + W) log W)`` work; other column orders take
+    the mask's pass (one ``lax.cond``).
+
+    The slotted paths check that a window holds every positive (:func:`slot_choice`), so a
+    start that is not the first positive (a valid label equal to int32's largest, which
+    sorts among the invalid columns) costs speed, never exactness.
+    """
+    width = batch.pos.shape[1]
+    key = jnp.where(batch.col_valid, batch.col_labels, jnp.iinfo(jnp.int32).max)
+
+    def searched(pos):
+        del pos
+        run = jnp.searchsorted(key, batch.row_labels, side="left").astype(jnp.int32)
+        run = jnp.minimum(run, width - 1)
+        self_first = (batch.col_ids[run] == batch.row_ids).astype(jnp.int32)
+        return jnp.where(batch.pos_count > 0, jnp.minimum(run + self_first, width - 1), 0)
+
+    return jax.lax.cond(jnp.all(key[1:] >= key[:-1]), searched, first_positive, batch.pos)
+
+
 def slot_choice(
-    pos: jax.Array, pos_count: jax.Array, sizes: tuple[int, ...]
+    pos: jax.Array, pos_count: jax.Array, sizes: tuple[int, ...],
+    start: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-    """Each row's first positive column ``start`` ``[b]`` (0 without one) and the index of the
+    """Each row's window ``start`` ``[b]`` (by default its first positive column,
+    :func:`first_positive`; any column at or before it is exact) and the index of the
     smallest of ``sizes`` (ascending) whose window ``[start, start + S)`` holds every row's
     positives (``len(sizes)`` when none does).
 
     A window holds a row's positives iff it holds ``pos_count`` of them (``sum(pos, 1)``,
-    ``[b]``), so one min-reduction (the first positive) and a ``[b, max(sizes)]`` gather
-    decide, instead of the span between each row's first and last positive (a second
-    reduction over the mask).
+    ``[b]``), so the start and a ``[b, max(sizes)]`` gather decide, instead of the span
+    between each row's first and last positive (a second reduction over the mask).
     """
-    width = pos.shape[1]
-    # The first positive as a min-reduction of column indices (argmax's variadic reduction
-    # runs scalar on XLA's CPU backend); 0 without one, as argmax.
-    first = jnp.min(jnp.where(pos, jnp.arange(width, dtype=jnp.int32)[None, :], width), axis=1)
-    start = jnp.where(first < width, first, 0)
+    if start is None:
+        start = first_positive(pos)
     _, hits = window(pos, start, max(sizes))
     within = jnp.pad(  # [b, max + 1]: column s holds the positives in [start, start + s)
         jnp.cumsum(hits, axis=1, dtype=jnp.int32), ((0, 0), (1, 0))

@@ -51,9 +51,9 @@ def _slotted_positive_terms(d, row_lse, col_lse, pos, pos_margin, *, grads, star
             jnp.zeros(col_lse.shape, jnp.float32).at[cols].add(hinge * d_col))
 
 
-def _positive_terms(d, row_lse, col_lse, pos, pos_count, pos_margin, grads):
+def _positive_terms(d, row_lse, col_lse, pos, pos_count, pos_margin, first, grads):
     """The slotted path whose window holds every row's positives, else the dense one."""
-    start, index = _windows.slot_choice(pos, pos_count, _windows.SLOT_SIZES)
+    start, index = _windows.slot_choice(pos, pos_count, _windows.SLOT_SIZES, first)
     return _windows.on_windows(
         index, _windows.SLOT_SIZES,
         functools.partial(_slotted_positive_terms, grads=grads, start=start),
@@ -62,24 +62,25 @@ def _positive_terms(d, row_lse, col_lse, pos, pos_count, pos_margin, grads):
     )
 
 
-def _positive_total_fwd(d, row_lse, col_lse, pos, pos_count, pos_margin):
+def _positive_total_fwd(d, row_lse, col_lse, pos, pos_count, pos_margin, first):
     total, grad_d, grad_row, grad_col = _positive_terms(
-        d, row_lse, col_lse, pos, pos_count, pos_margin, True
+        d, row_lse, col_lse, pos, pos_count, pos_margin, first, True
     )
     return total, (grad_d, grad_row, grad_col, pos_margin)
 
 
 def _positive_total_bwd(residuals, g):
     grad_d, grad_row, grad_col, pos_margin = residuals
-    return (g * grad_d, g * grad_row, g * grad_col, None, None, jnp.zeros_like(pos_margin))
+    return (g * grad_d, g * grad_row, g * grad_col, None, None, jnp.zeros_like(pos_margin),
+            None)
 
 
 @jax.custom_vjp
-def _positive_total(d, row_lse, col_lse, pos, pos_count, pos_margin):
+def _positive_total(d, row_lse, col_lse, pos, pos_count, pos_margin, first):
     """``sum over the positive pairs (i, j) of 1/2 [J_ij]_+^2`` with ``J_ij = logaddexp(
     row_lse_i, col_lse_j) + d_ij - m_+``, from distances ``d`` ``[b, M]``, the rows' and
     columns' log-sum-exps ``[b]`` / ``[B]`` and the positives ``pos`` ``[b, B]`` (``pos_count``
-    ``[b]`` of them per row).
+    ``[b]`` of them per row, the first at or after column ``first`` ``[b]``).
 
     ``J`` is needed at the positive pairs only. When one window of the columns holds each
     row's positives (:mod:`dml_jax.losses._windows`: label-ordered columns and classes of at
@@ -88,7 +89,7 @@ def _positive_total(d, row_lse, col_lse, pos, pos_count, pos_margin):
     partial derivatives), on constants, and hold one ``[b, M]`` array (the distances'
     gradient) for the backward pass.
     """
-    return _positive_terms(d, row_lse, col_lse, pos, pos_count, pos_margin, False)
+    return _positive_terms(d, row_lse, col_lse, pos, pos_count, pos_margin, first, False)
 
 
 _positive_total.defvjp(_positive_total_fwd, _positive_total_bwd)
@@ -105,6 +106,7 @@ def lifted_from_distances(
     pos_count: jax.Array | None = None,
     col_ids: jax.Array | None = None,
     symmetric: bool = False,
+    first_positive: jax.Array | None = None,
 ) -> jax.Array:
     """The lifted structured loss from distances ``d`` ``[b, M]`` (``M >= B``), the negatives
     ``neg`` ``[b, M]`` of each row and the positive pairs ``pos`` ``[b, B]`` (among the first
@@ -113,15 +115,21 @@ def lifted_from_distances(
     global row behind each of the ``B`` columns when they are not in the gathered order
     (``pair_batch(sort_by_label=True)`` under ``axis_name``). ``symmetric``: ``d`` ``[B, B]``
     and the masks are the batch against itself (no ``axis_name``); the cotangent of ``d`` is
-    then symmetric (see :func:`dml_jax.losses._batch.masked_logsumexp`; ``J`` is)."""
+    then symmetric (see :func:`dml_jax.losses._batch.masked_logsumexp`; ``J`` is).
+    ``first_positive``: each row's first positive column ``[b]`` (or any column before it)
+    when the caller knows it without a pass over ``pos``
+    (:func:`dml_jax.losses._windows.first_same_label`)."""
     row_lse = _batch.masked_logsumexp(neg_margin - d, neg, symmetric=symmetric)  # [b]
     col_lse = parallel.all_gather_rows(row_lse, axis_name)  # [B]
     if col_ids is not None:
         col_lse = col_lse[col_ids]
     if pos_count is None:
         pos_count = jnp.sum(pos, axis=1, dtype=jnp.float32)
+    if first_positive is None:
+        first_positive = _windows.first_positive(pos)
     total = _positive_total(
-        d, row_lse, col_lse, pos, pos_count, jnp.asarray(pos_margin, jnp.float32)
+        d, row_lse, col_lse, pos, pos_count, jnp.asarray(pos_margin, jnp.float32),
+        first_positive,
     )
     return _batch.global_mean(total, jnp.sum(pos_count), axis_name)
 
@@ -174,5 +182,5 @@ def lifted_structure_loss(
         _batch.distances_of(batch, axis_name, symmetric=symmetric), batch.neg, batch.pos,
         neg_margin=neg_margin, pos_margin=pos_margin, axis_name=axis_name,
         pos_count=batch.pos_count, col_ids=None if symmetric else batch.col_ids,
-        symmetric=symmetric,
+        symmetric=symmetric, first_positive=_windows.first_same_label(batch),
     )

@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 
 from dml_jax import _checks, distances
-from dml_jax.losses import _batch
+from dml_jax.losses import _batch, _windows
 from dml_jax.losses._pairs import (
     POINTS,
     PairLayout,
@@ -321,7 +321,7 @@ def symmetric_lifted_structure_loss(
     return lifted_from_distances(
         distances.safe_sqrt(view.sq), view.neg, view.batch.pos,
         neg_margin=neg_margin, pos_margin=pos_margin, axis_name=axis_name,
-        pos_count=view.batch.pos_count,
+        pos_count=view.batch.pos_count, first_positive=_windows.first_same_label(view.batch),
     )
 
 

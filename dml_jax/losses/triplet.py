@@ -475,7 +475,7 @@ def _mined_total(d, batch, margin, slotted, fallback, bucketed=None, symmetric=F
         where_from = runs
     else:
         where_from, index = _windows.slot_choice(  # the first positives
-            batch.pos, batch.pos_count, _windows.SLOT_SIZES
+            batch.pos, batch.pos_count, _windows.SLOT_SIZES, _windows.first_same_label(batch)
         )
         branches = [
             functools.partial(slotted, margin=margin, slots=s, symmetric=symmetric)

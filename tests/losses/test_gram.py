@@ -380,3 +380,32 @@ def test_materialise_is_the_identity_in_value_and_gradient(shape, first):
     w = np.random.default_rng(2).normal(size=shape).astype(np.float32)
     grad = jax.jit(jax.grad(lambda x: jnp.sum(_batch.materialise(x) * w)))(jnp.asarray(h))
     np.testing.assert_array_equal(grad, w)
+
+
+@pytest.mark.parametrize("sort_by_label", [False, True])
+def test_first_same_label_is_the_first_positive(sort_by_label):
+    from dml_jax.losses import _windows
+
+    rng = np.random.default_rng(8)
+    top = jnp.iinfo(jnp.int32).max
+    # Classes of 1 to 5 rows (a row alone has no positive), invalid rows, and a valid label
+    # equal to int32's largest, which sorts among the invalid columns.
+    y = np.repeat(np.arange(6), [1, 2, 3, 5, 4, 5])[rng.permutation(20)].astype(np.int32)
+    where = np.arange(20) % 6 != 4
+    for labels in (y, np.where(np.arange(20) % 5 == 1, top, y).astype(np.int32)):
+        batch = _batch.pair_batch(
+            jnp.asarray(rng.normal(size=(20, 3)), jnp.float32), jnp.asarray(labels),
+            jnp.asarray(where), None, sort_by_label=sort_by_label,
+        )
+        got = np.asarray(jax.jit(_windows.first_same_label)(batch))
+        want = np.asarray(_windows.first_positive(batch.pos))
+        plain = np.asarray(batch.row_labels) != top
+        assert np.any(plain & (np.asarray(batch.pos_count) > 0))
+        np.testing.assert_array_equal(got[plain], want[plain])
+        # Rows of the largest label: a start at or before the first positive, which the
+        # slotted paths' window check makes exact.
+        assert np.all(got <= want) and np.all(got >= 0)
+        if sort_by_label:  # some row comes first in its label run: its first positive is
+            # the next column (rows are columns, in the same order, without axis_name)
+            own = np.asarray(batch.row_ids)
+            assert np.any((want == own + 1) & (np.asarray(batch.pos_count) > 0) & plain)
