@@ -97,8 +97,9 @@ def _slots_transposed(values: jax.Array, start: jax.Array, cols: jax.Array,
 
 
 def _symmetrised(coef: jax.Array) -> jax.Array:
-    """``(C + C^T) / 2`` of a square coefficient matrix (one strided ``[B, B]`` pass)."""
-    return 0.5 * (coef + coef.T)
+    """``(C + C^T) / 2`` of a square coefficient matrix
+    (:func:`~dml_jax.losses._batch.transpose_sum`)."""
+    return 0.5 * _batch.transpose_sum(coef)
 
 
 def _pack_positives(d, batch, start, slots):

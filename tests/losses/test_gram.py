@@ -382,6 +382,21 @@ def test_materialise_is_the_identity_in_value_and_gradient(shape, first):
     np.testing.assert_array_equal(grad, w)
 
 
+@pytest.mark.parametrize("first", [0.5, np.nan])
+def test_transposed_is_the_transpose_in_value_and_gradient(first):
+    # The cond's predicate is computed from h[0, 0] and must be True whatever it holds,
+    # jitted and under vmap (where it is batched).
+    h = np.random.default_rng(3).normal(size=(2, 4, 7)).astype(np.float32)
+    h[0, 0, 0] = first
+    np.testing.assert_array_equal(jax.jit(_batch.transposed)(jnp.asarray(h[0])), h[0].T)
+    np.testing.assert_array_equal(
+        jax.jit(jax.vmap(_batch.transposed))(jnp.asarray(h)), np.swapaxes(h, 1, 2)
+    )
+    w = np.random.default_rng(4).normal(size=(7, 4)).astype(np.float32)
+    grad = jax.jit(jax.grad(lambda x: jnp.sum(_batch.transposed(x) * w)))(jnp.asarray(h[1]))
+    np.testing.assert_array_equal(grad, w.T)
+
+
 @pytest.mark.parametrize("sort_by_label", [False, True])
 def test_first_same_label_is_the_first_positive(sort_by_label):
     from dml_jax.losses import _windows
