@@ -72,10 +72,25 @@ def pairwise_squared_distances(
     return jnp.maximum(sq, 0.0)
 
 
+@jax.custom_jvp
 def safe_sqrt(sq: jax.Array) -> jax.Array:
-    """``sqrt(sq)`` with value and gradient 0 where ``sq <= 1e-12`` (never NaN or inf)."""
-    positive = sq > _SQ_DIST_FLOOR
-    return jnp.where(positive, jnp.sqrt(jnp.where(positive, sq, 1.0)), 0.0)
+    """``sqrt(sq)`` with value and gradient 0 where ``sq <= 1e-12`` (never NaN or inf).
+
+    The value is one chain ending in the square root, ``sqrt(where(sq > 1e-12, sq, 0))``,
+    which XLA computes once into a buffer; written as a select around the root (the plain
+    way to keep the gradient finite), the select was fused into each consumer, which then
+    read ``sq`` as well as the roots. The derivative is the square root's,
+    ``0.5 / sqrt(sq)``, where ``sq > 1e-12`` and 0 elsewhere.
+    """
+    return jnp.sqrt(jnp.where(sq > _SQ_DIST_FLOOR, sq, 0.0))
+
+
+@safe_sqrt.defjvp
+def _safe_sqrt_jvp(primals, tangents):
+    (sq,), (t,) = primals, tangents
+    root = safe_sqrt(sq)
+    # As autodiff of where(sq > floor, sqrt(sq), 0): the tangent times 0.5 / root there.
+    return root, jnp.where(sq > _SQ_DIST_FLOOR, t * (0.5 / jnp.where(root > 0, root, 1.0)), 0.0)
 
 
 def pairwise_distances(

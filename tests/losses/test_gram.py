@@ -424,3 +424,19 @@ def test_first_same_label_is_the_first_positive(sort_by_label):
             # the next column (rows are columns, in the same order, without axis_name)
             own = np.asarray(batch.row_ids)
             assert np.any((want == own + 1) & (np.asarray(batch.pos_count) > 0) & plain)
+
+
+def test_safe_sqrt_value_and_derivatives():
+    sq = np.array([-1.0, 0.0, 1e-13, 1e-12, 2e-12, 1e-6, 0.25, 1.0, 4.0, 1e30], np.float32)
+    positive = sq > 1e-12
+    root = np.where(positive, np.sqrt(np.where(positive, sq, 1.0)), 0.0).astype(np.float32)
+    np.testing.assert_array_equal(jax.jit(distances.safe_sqrt)(jnp.asarray(sq)), root)
+    slope = np.where(positive, 0.5 / np.where(positive, root, 1.0), 0.0).astype(np.float32)
+    grad = jax.jit(jax.vmap(jax.grad(distances.safe_sqrt)))(jnp.asarray(sq))
+    np.testing.assert_array_equal(grad, slope)  # reverse mode: 0 at and below the floor
+    forward = jax.jit(jax.vmap(jax.jacfwd(distances.safe_sqrt)))(jnp.asarray(sq))
+    np.testing.assert_array_equal(forward, slope)
+    second = jax.vmap(jax.grad(jax.grad(distances.safe_sqrt)))(jnp.asarray(sq))
+    want = np.where(positive, -0.25 * np.where(positive, sq, 1.0) ** -1.5, 0.0)
+    assert np.all(np.isfinite(np.asarray(second)))
+    np.testing.assert_allclose(second, want, rtol=1e-5)
