@@ -48,6 +48,9 @@ class PairBatch(NamedTuple):
       pos_count: float32 ``[b]``: each row's number of positive columns (``sum(pos, 1)``),
         counted from the sorted labels, not from the ``[b, W]`` mask.
       neg_count: float32 ``[b]``: each row's number of negative columns (``sum(neg, 1)``).
+      row_order: int32 ``[b]``: each local row's index among the caller's rows (the order
+        ``pair_batch(sort_by_label=True)`` gives them without ``axis_name``; ``arange(b)``
+        otherwise), to bring per-row inputs (logits) into the rows' order.
     """
 
     rows: jax.Array
@@ -63,6 +66,7 @@ class PairBatch(NamedTuple):
     memory: jax.Array
     pos_count: jax.Array
     neg_count: jax.Array
+    row_order: jax.Array
 
 
 def pair_batch(
@@ -81,10 +85,11 @@ def pair_batch(
     (so :func:`gram` still sees one matrix) and ``row_ids`` are positions in that order.
     """
     rows, row_labels, row_valid = _checks.check_embeddings_labels(embeddings, labels, where)
+    row_order = jnp.arange(rows.shape[0], dtype=jnp.int32)
     if sort_by_label and axis_name is None:
-        order = label_order(row_labels, row_valid)
-        rows = permute_rows(rows, order)
-        row_labels, row_valid = row_labels[order], row_valid[order]
+        row_order = label_order(row_labels, row_valid).astype(jnp.int32)
+        rows = permute_rows(rows, row_order)
+        row_labels, row_valid = row_labels[row_order], row_valid[row_order]
     cols = parallel.all_gather_rows(rows, axis_name)
     col_labels = parallel.all_gather_rows(row_labels, axis_name)
     col_valid = parallel.all_gather_rows(row_valid, axis_name)
@@ -113,6 +118,7 @@ def pair_batch(
         neg_count=jnp.where(
             row_valid, jnp.sum(col_valid, dtype=jnp.int32) - same_label_count, 0
         ).astype(jnp.float32),
+        row_order=row_order,
     )
 
 

@@ -9,12 +9,14 @@ loss can do its per-positive work on ``[b, S]`` slots instead of on the whole ``
 (a loss falls back to its dense form when none does), :func:`window` gives the slots' columns,
 and :func:`add_at_columns` / :func:`scatter_rows` put per-slot values back at those columns.
 
-With a cross-batch memory ordered by label too, a row's positives are two runs, one among the
-batch columns and one among the memory's: :func:`label_runs` finds them by binary search in
-the sorted labels, :func:`run_choice` picks the smallest of :data:`RUN_SIZES` that holds both
-runs of every row, and :func:`run_window` gives their columns as ``[b, S]`` slots. Columns
-left in the batch's own order are one run per class when the batch is class-contiguous (a
-P x K batch): :func:`column_runs` finds those.
+A row's positives can also be found from the labels alone, without a pass over the mask:
+with label-ordered columns they are the row's run of its label among the batch columns and,
+with a cross-batch memory ordered by label too, a second run among the memory's.
+:func:`label_runs` finds both by binary search in the sorted labels (the memory's run is
+empty without one), :func:`run_choice` picks the smallest of the given sizes
+(:data:`SLOT_SIZES` without a memory, :data:`RUN_SIZES` with one) that holds both runs of
+every row, and :func:`run_window` gives their columns as ``[b, S]`` slots;
+:func:`first_same_label` gives the first positive of each row for :func:`slot_choice`.
 """
 
 from __future__ import annotations
@@ -174,33 +176,6 @@ def run_choice(
     runs, ordered = label_runs(row_labels, row_valid, col_labels, col_valid, split)
     need = jnp.searchsorted(jnp.asarray(sizes), jnp.max(runs.span_batch + runs.span_memory))
     return runs, jnp.where(ordered, need, len(sizes)).astype(jnp.int32)
-
-
-def column_runs(
-    row_ids: jax.Array, row_valid: jax.Array, pos_count: jax.Array,
-    col_labels: jax.Array, col_valid: jax.Array, sizes: tuple[int, ...],
-) -> tuple[Runs, jax.Array]:
-    """Each row's run of consecutive same-label columns, the columns left in their own order
-    (a P x K batch's classes are such runs), as :class:`Runs` with no memory run, and the
-    index of the smallest of ``sizes`` (ascending) that holds every valid row's run:
-    ``len(sizes)`` when none does, or when some row's positives are not all in its run (a
-    label in several runs). Rows: global indices ``row_ids``, validity and positive counts
-    ``[b]``; columns: ``[B]``. ``O(B)`` work: a run may hold invalid columns (they are no
-    positives), so a row's run holds its positives iff it holds ``pos_count + 1`` valid
-    columns."""
-    width = col_labels.shape[0]
-    index = jnp.arange(width, dtype=jnp.int32)
-    change = col_labels[1:] != col_labels[:-1]
-    start = jax.lax.cummax(jnp.where(jnp.append(True, change), index, 0))
-    last = jax.lax.cummin(jnp.where(jnp.append(change, True), index, width), reverse=True)
-    valid_before = jnp.append(0, jnp.cumsum(col_valid, dtype=jnp.int32))  # [B + 1]
-    valid_in_run = (valid_before[last + 1] - valid_before[start])[row_ids]
-    holds = ~row_valid | (valid_in_run == pos_count.astype(jnp.int32) + 1)
-    span = jnp.where(row_valid, (last - start + 1)[row_ids], 0)
-    need = jnp.searchsorted(jnp.asarray(sizes), jnp.max(span))
-    none = jnp.zeros_like(span)
-    return (Runs(start[row_ids], span, none, none),
-            jnp.where(jnp.all(holds), need, len(sizes)).astype(jnp.int32))
 
 
 def run_window(pos: jax.Array, runs: Runs, slots: int) -> tuple[jax.Array, jax.Array]:

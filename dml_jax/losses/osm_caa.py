@@ -77,7 +77,7 @@ def _positive_sums(sq, pos, a_rows, a_cols, width, runs, run_index, sizes):
     positives ``pos`` and attention ``a_rows`` ``[b]`` / ``a_cols`` ``[B]``, the weights
     ``w+`` (:func:`_positive_weights`) constants. A row's positives are a few of its ``B``
     columns: when one window of them holds every row's (``runs``, ``run_index`` into
-    ``sizes``: :func:`dml_jax.losses._windows.column_runs`), the sums are taken there
+    ``sizes``: :func:`dml_jax.losses._windows.run_choice`), the sums are taken there
     (``[b, S]``); otherwise over whole rows. The gradient, ``w+`` on ``P``, is one
     elementwise expression that XLA fuses into the distances' cotangent pass."""
     return _positive_sums_fwd(sq, pos, a_rows, a_cols, width, runs, run_index, sizes)[0]
@@ -106,7 +106,7 @@ def osm_caa_from_squared_distances(
 
     ``positive_runs``: each row's run of columns that holds its positives and the index of
     the smallest of ``run_sizes`` that holds them
-    (:func:`dml_jax.losses._windows.column_runs`): the positive sums are then taken on those
+    (:func:`dml_jax.losses._windows.run_choice`): the positive sums are then taken on those
     windows; without them, on whole rows. Shared with :mod:`dml_jax.losses.symmetric`, whose
     columns include mined synthetic negatives.
     """
@@ -133,16 +133,18 @@ def osm_caa_from_squared_distances(
 
 def prepare_attention(
     logits: jax.typing.ArrayLike | None,
-    labels: jax.Array,
-    row_valid: jax.Array,
+    batch: _batch.PairBatch,
     attention: str,
     axis_name: str | None,
 ) -> tuple[jax.Array, jax.Array]:
-    """Validated CAA scores of the local rows ``[b]`` and of the gathered columns ``[B]``."""
+    """Validated CAA scores of the batch's local rows ``[b]`` (``logits`` ``[b, C]`` in the
+    caller's row order, brought into the batch's by ``batch.row_order``) and of its columns
+    ``[B]`` (gathered, in the columns' order ``batch.col_ids``)."""
     if logits is not None:
-        logits = _classify.check_logits(logits, labels, row_valid)
-    a_rows = class_aware_attention(logits, labels, attention)
-    return a_rows, parallel.all_gather_rows(a_rows, axis_name)
+        logits = _classify.check_logits(logits, batch.row_labels)[batch.row_order]
+        logits = _checks.mask_rows(logits, batch.row_valid)
+    a_rows = class_aware_attention(logits, batch.row_labels, attention)
+    return a_rows, parallel.all_gather_rows(a_rows, axis_name)[batch.col_ids]
 
 
 @functools.partial(jax.jit, static_argnames=("kernel", "attention", "axis_name"))
@@ -205,17 +207,15 @@ def osm_caa_loss(
     """
     _checks.check_choice(kernel, "kernel", KERNELS)
     _checks.check_choice(attention, "attention", ATTENTIONS)
-    batch = _batch.pair_batch(embeddings, labels, where, axis_name)
+    # Label-ordered columns put each row's positives in one run of columns, on whose window
+    # the positive sums are taken (see `_positive_sums`).
+    batch = _batch.pair_batch(embeddings, labels, where, axis_name, sort_by_label=True)
     # Every weight is symmetric in the pair, so is the gradient of the [B, B] block.
     sq = _batch.squared_distances_of(batch, axis_name, normalize=True, symmetric=True)
-    a_rows, a_cols = prepare_attention(
-        logits, batch.row_labels, batch.row_valid, attention, axis_name
-    )
-    # A class-contiguous batch (a P x K one) has each row's positives in one run of columns,
-    # on whose window the positive sums are taken (see `_positive_sums`).
-    positive_runs = _windows.column_runs(
-        batch.row_ids, batch.row_valid, batch.pos_count, batch.col_labels, batch.col_valid,
-        _windows.SLOT_SIZES,
+    a_rows, a_cols = prepare_attention(logits, batch, attention, axis_name)
+    positive_runs = _windows.run_choice(
+        batch.row_labels, batch.row_valid, batch.col_labels, batch.col_valid,
+        batch.col_labels.shape[0], _windows.SLOT_SIZES,
     )
     return osm_caa_from_squared_distances(
         sq, batch.pos, batch.neg, a_rows, a_cols,

@@ -402,9 +402,7 @@ def symmetric_osm_caa_loss(
     view = symmetric_view(
         embeddings, labels, normalize=True, where=where, axis_name=axis_name
     )
-    a_rows, a_cols = prepare_attention(
-        logits, view.batch.row_labels, view.batch.row_valid, attention, axis_name
-    )
+    a_rows, a_cols = prepare_attention(logits, view.batch, attention, axis_name)
     # A mined point sits in the column of the point it reflects and carries its attention.
     return osm_caa_from_squared_distances(
         view.sq, view.pos, view.neg, a_rows, a_cols,
