@@ -244,11 +244,15 @@ def transposed(h: jax.Array) -> jax.Array:
     transpose alone, emitted as a copy of its own, took 0.3 ms. A ``lax.cond`` on a predicate
     that is always True (:func:`_unfoldable_true`; the other branch, zeros, never runs) keeps
     the transpose out of the consumer's fusion: ``h + transposed(h)`` took 0.6 ms. Holds one
-    ``[M, N]`` buffer.
+    ``[M, N]`` buffer. On other backends, the plain transpose.
     """
-    return jax.lax.cond(
-        _unfoldable_true(h), jnp.transpose, lambda h: jnp.zeros_like(h.T), h
-    )
+    return jax.lax.platform_dependent(h, cpu=_transpose_apart, default=jnp.transpose)
+
+
+def _transpose_apart(h: jax.Array) -> jax.Array:
+    # CPU only (see `transposed`): other backends emit a fused transpose well, and a
+    # conditional may cost them a round trip for its predicate.
+    return jax.lax.cond(_unfoldable_true(h), jnp.transpose, lambda h: jnp.zeros_like(h.T), h)
 
 
 def transpose_sum(h: jax.Array) -> jax.Array:
