@@ -226,14 +226,19 @@ def materialise(h: jax.Array) -> jax.Array:
     compiler cannot fold (always 0) makes XLA evaluate ``h`` once, into the buffer the row is
     written into. Holds one extra buffer of ``h``'s size.
     """
-    offset = jnp.minimum(jnp.isnan(h.reshape(-1)[0]).astype(jnp.int32), 0)  # 0, not a constant
+    offset = _unfoldable_zero(h)
     return jax.lax.dynamic_update_slice(h, h[:1], (offset,) + (0,) * (h.ndim - 1))
 
 
+def _unfoldable_zero(h: jax.Array) -> jax.Array:
+    """An int32 scalar that is always 0, computed from ``h``'s first element so that the
+    compiler cannot fold it to a constant."""
+    return jnp.minimum(jnp.isnan(h.reshape(-1)[0]).astype(jnp.int32), 0)
+
+
 def _unfoldable_true(h: jax.Array) -> jax.Array:
-    """A True bool scalar computed from ``h``'s first element, which the compiler cannot fold
-    (as :func:`materialise`'s offset)."""
-    return jnp.minimum(jnp.isnan(h.reshape(-1)[0]).astype(jnp.int32), 0) == 0
+    """A True bool scalar the compiler cannot fold (:func:`_unfoldable_zero`)."""
+    return _unfoldable_zero(h) == 0
 
 
 def transposed(h: jax.Array) -> jax.Array:
