@@ -198,7 +198,7 @@ def _semi_hard_slotted(d, batch, start, margin, slots, symmetric=False):
     found = jnp.isfinite(closest)
     farthest = jnp.max(jnp.where(batch.neg, d, -jnp.inf), axis=1)  # [b]
     d_an = jnp.where(found, closest, farthest[:, None])
-    has_neg = jnp.any(batch.neg, axis=1, keepdims=True)
+    has_neg = batch.neg_count[:, None] > 0  # sum(neg, 1), counted from the labels
     active = filled & has_neg & (d_ap - d_an + margin > 0)  # [b, S]
     # Mark the chosen negative's column by value (plain min/max reductions are much faster on
     # CPU than argmin); exactly tied negatives share the coefficient, the value is unchanged.
@@ -400,7 +400,7 @@ def _semi_hard_bucketed(d, batch, margin, runs, slots):
     found = jnp.isfinite(closest)
     farthest = jnp.max(jnp.where(batch.neg, d, -jnp.inf), axis=1)  # [b]
     d_an = jnp.where(found, closest, farthest[:, None])
-    has_neg = jnp.any(batch.neg, axis=1, keepdims=True)
+    has_neg = batch.neg_count[:, None] > 0  # sum(neg, 1), counted from the labels
     active = filled & has_neg & (d_ap - d_an + margin > 0)  # [b, S]
     # The chosen negatives by value, as in `_semi_hard_slotted`: a closest value is its
     # bucket's minimum, and every negative tied with it lies in that bucket.
