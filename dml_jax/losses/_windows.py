@@ -70,50 +70,48 @@ def first_same_label(batch) -> jax.Array:
     :class:`~dml_jax.losses._batch.PairBatch` without a memory, whose positives are the
     same-label valid columns other than the row itself (``row_ids != col_ids``), without the
     ``[b, W]`` pass when the columns are ordered by label (invalid ones last, as
-    ``pair_batch(sort_by_label=True)`` leaves them): each row's label run then starts at a
-    binary search in the ``[W]`` labels, and its first positive is that column, or the next
-    one where the row itself comes first. ``O((b + W) log W)`` work; other column orders take
-    the mask's pass (one ``lax.cond``).
+    ``pair_batch(sort_by_label=True)`` leaves them): each row's label run then starts where
+    :func:`label_runs` finds it, and its first positive is that column, or the next one where
+    the row itself comes first. ``O((b + W) log W)`` work; other column orders take the
+    mask's pass (one ``lax.cond``).
 
     The slotted paths check that a window holds every positive (:func:`slot_choice`), so a
     start that is not the first positive (a valid label equal to int32's largest, which
     sorts among the invalid columns) costs speed, never exactness.
     """
     width = batch.pos.shape[1]
-    key = jnp.where(batch.col_valid, batch.col_labels, jnp.iinfo(jnp.int32).max)
+    runs, ordered = label_runs(
+        batch.row_labels, batch.row_valid, batch.col_labels, batch.col_valid, width
+    )
 
     def searched(pos):
         del pos
-        run = jnp.searchsorted(key, batch.row_labels, side="left").astype(jnp.int32)
-        run = jnp.minimum(run, width - 1)
+        run = runs.first_batch  # in [0, W) for a row with positives (its run is not empty)
         self_first = (batch.col_ids[run] == batch.row_ids).astype(jnp.int32)
         return jnp.where(batch.pos_count > 0, jnp.minimum(run + self_first, width - 1), 0)
 
-    return jax.lax.cond(jnp.all(key[1:] >= key[:-1]), searched, first_positive, batch.pos)
+    return jax.lax.cond(ordered, searched, first_positive, batch.pos)
 
 
 def slot_choice(
-    pos: jax.Array, pos_count: jax.Array, sizes: tuple[int, ...],
-    start: jax.Array | None = None,
-) -> tuple[jax.Array, jax.Array]:
-    """Each row's window ``start`` ``[b]`` (by default its first positive column,
-    :func:`first_positive`; any column at or before it is exact) and the index of the
-    smallest of ``sizes`` (ascending) whose window ``[start, start + S)`` holds every row's
-    positives (``len(sizes)`` when none does).
+    pos: jax.Array, pos_count: jax.Array, sizes: tuple[int, ...], start: jax.Array
+) -> jax.Array:
+    """The index of the smallest of ``sizes`` (ascending) whose window ``[start, start + S)``
+    from each row's ``start`` ``[b]`` (its first positive column, :func:`first_positive` or
+    :func:`first_same_label`; any column at or before it is exact) holds every row's positives
+    (``len(sizes)`` when none does).
 
     A window holds a row's positives iff it holds ``pos_count`` of them (``sum(pos, 1)``,
     ``[b]``), so the start and a ``[b, max(sizes)]`` gather decide, instead of the span
     between each row's first and last positive (a second reduction over the mask).
     """
-    if start is None:
-        start = first_positive(pos)
     _, hits = window(pos, start, max(sizes))
     within = jnp.pad(  # [b, max + 1]: column s holds the positives in [start, start + s)
         jnp.cumsum(hits, axis=1, dtype=jnp.int32), ((0, 0), (1, 0))
     )
     count = pos_count.astype(jnp.int32)
     fits = jnp.stack([jnp.all(within[:, size] == count) for size in sizes])
-    return start, jnp.argmax(jnp.append(fits, True)).astype(jnp.int32)
+    return jnp.argmax(jnp.append(fits, True)).astype(jnp.int32)
 
 
 def add_at_columns(dense: jax.Array, cols: jax.Array, values: jax.Array) -> jax.Array:

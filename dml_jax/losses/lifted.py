@@ -53,10 +53,10 @@ def _slotted_positive_terms(d, row_lse, col_lse, pos, pos_margin, *, grads, star
 
 def _positive_terms(d, row_lse, col_lse, pos, pos_count, pos_margin, first, grads):
     """The slotted path whose window holds every row's positives, else the dense one."""
-    start, index = _windows.slot_choice(pos, pos_count, _windows.SLOT_SIZES, first)
+    index = _windows.slot_choice(pos, pos_count, _windows.SLOT_SIZES, first)
     return _windows.on_windows(
         index, _windows.SLOT_SIZES,
-        functools.partial(_slotted_positive_terms, grads=grads, start=start),
+        functools.partial(_slotted_positive_terms, grads=grads, start=first),
         functools.partial(_dense_positive_terms, grads=grads),
         d, row_lse, col_lse, pos, pos_margin,
     )

@@ -475,8 +475,9 @@ def _mined_total(d, batch, margin, slotted, fallback, bucketed=None, symmetric=F
         branches = [lambda d, b, runs, s=s: bucketed(d, b, margin, runs, s) for s in sizes]
         where_from = runs
     else:
-        where_from, index = _windows.slot_choice(  # the first positives
-            batch.pos, batch.pos_count, _windows.SLOT_SIZES, _windows.first_same_label(batch)
+        where_from = _windows.first_same_label(batch)  # the first positives
+        index = _windows.slot_choice(
+            batch.pos, batch.pos_count, _windows.SLOT_SIZES, where_from
         )
         branches = [
             functools.partial(slotted, margin=margin, slots=s, symmetric=symmetric)
