@@ -99,6 +99,8 @@ def _timed(fn: Callable, *args) -> float:
 # side's worker threads may still be spinning (torch's OpenMP threads slowed the first two or
 # three XLA calls after a torch block).
 ROUNDS = 3
+# Width of the table's name column ("symm_triplet_semi_hard (pairs)" is the longest).
+NAME_WIDTH = 32
 _SETTLE_S = 0.1
 
 
@@ -137,9 +139,10 @@ def jax_timer(
 
 
 def torch_timer(loss_obj, miner, e_np: np.ndarray, y_np: np.ndarray
-                ) -> tuple[float, Callable[[int], list]]:
-    """The value of a pytorch-metric-learning loss and a block timer of its forward+backward:
-    ``block(n)`` returns ``n`` times in seconds."""
+                ) -> tuple[float, Callable[[int], list], int]:
+    """The value of a pytorch-metric-learning loss, a block timer of its forward+backward
+    (``block(n)`` returns ``n`` times in seconds) and how many calls to time it for
+    (:func:`peer_calls`, from one warm call)."""
     import torch
 
     y = torch.from_numpy(y_np.astype(np.int64))
@@ -149,9 +152,12 @@ def torch_timer(loss_obj, miner, e_np: np.ndarray, y_np: np.ndarray
         pairs = miner(e, y) if miner is not None else None
         loss = loss_obj(e, y, pairs) if pairs is not None else loss_obj(e, y)
         loss.backward()
-        return float(loss)
+        return float(loss.detach())
 
     value = run()
+    t = time.perf_counter()
+    run()
+    warm_call = time.perf_counter() - t
 
     def block(n: int) -> list:
         time.sleep(_SETTLE_S)
@@ -163,7 +169,19 @@ def torch_timer(loss_obj, miner, e_np: np.ndarray, y_np: np.ndarray
             times.append(time.perf_counter() - t)
         return times
 
-    return value, block
+    return value, block, warm_call
+
+
+# A peer call under this many seconds is timed as often as the loss; slower ones (PML's
+# all-triplet and semi-hard rows: ~0.5 s) a third as often. A median of five calls of a 4 ms
+# peer moved its speed-up by 0.3 between runs.
+_CHEAP_PEER_S = 0.1
+
+
+def peer_calls(repeats: int, warm_call: float) -> int:
+    """How many calls of a peer to time, from the loss's ``repeats`` and one warm peer call's
+    seconds: ``repeats`` for a cheap peer, else a third of them (at least 3)."""
+    return repeats if warm_call < _CHEAP_PEER_S else max(3, repeats // 3)
 
 
 def measure(jax_block: Callable, repeats: int, peer_block: Callable | None = None,
@@ -279,6 +297,7 @@ def proxy_rows(args, e_np: np.ndarray, y_np: np.ndarray, baseline: Callable):
         else:  # a pair loss (SupCon, Circle): the pair floor
             v_jax, jax_block = jax_timer(functools.partial(fn, p=None), e, y, baseline=baseline)
         v_peer = peer_block = None
+        warm_call = 0.0
         try:
             import torch
 
@@ -290,9 +309,11 @@ def proxy_rows(args, e_np: np.ndarray, y_np: np.ndarray, baseline: Callable):
                 with torch.no_grad():
                     getattr(loss_obj, attr).copy_(torch.from_numpy(p_np.T.copy() if transposed
                                                                    else p_np))
-            v_peer, peer_block = torch_timer(loss_obj, None, e_np, y_np)
-        t_jax, t_floor, t_base, t_peer = measure(jax_block, args.repeats, peer_block,
-                                                 max(3, args.repeats // 3))
+            v_peer, peer_block, warm_call = torch_timer(loss_obj, None, e_np, y_np)
+        t_jax, t_floor, t_base, t_peer = measure(
+            jax_block, args.repeats, peer_block,
+            peer_calls(args.repeats, warm_call),
+        )
         yield name, t_jax, t_peer, v_jax, v_peer, t_floor, t_base
 
 
@@ -308,7 +329,7 @@ def print_row(name: str, t_jax: float, t_peer: float | None, v_jax: float,
         if v_peer is not None:
             agree = "same" if abs(v_peer - v_jax) <= 1e-4 * max(1.0, abs(v_jax)) else (
                 f"{v_jax:.4g}/{v_peer:.4g}")
-    print(f"{name:<26}{t_jax * 1e3:>11.1f}{peer_ms:>10}{speedup:>10}"
+    print(f"{name:<{NAME_WIDTH}}{t_jax * 1e3:>11.1f}{peer_ms:>10}{speedup:>10}"
           f"{t_jax / floor:>9.2f}{t_jax / t_contr:>9.2f}{agree:>10}")
 
 
@@ -351,10 +372,12 @@ def main() -> None:
           f"jax {jax.__version__} on {jax.devices()[0].platform}; {torch_info}; host memory: "
           f"{'retained (dml_jax.host_memory)' if retained else 'default allocator settings'}")
     print(f"# B={args.batch}, D={args.dim}, {args.per_class} per class; median of "
-          f"{args.repeats}; x floor = median over calls of loss / the floor's call right after "
-          "it (e @ e.T and one [B, B] @ [B, D], jitted; for the losses on class parameters "
-          "p [C, D]: e @ p.T and the two backward products); x contr. likewise")
-    print(f"{'loss':<26}{'dml_jax ms':>11}{'peer ms':>10}{'speed-up':>10}{'x floor':>9}"
+          f"{args.repeats} (a peer slower than {_CHEAP_PEER_S:g} s per call: of "
+          f"{peer_calls(args.repeats, _CHEAP_PEER_S)}); x floor = median over calls of loss / "
+          "the floor's call right after it (e @ e.T and one [B, B] @ [B, D], jitted; for the "
+          "losses on class parameters p [C, D]: e @ p.T and the two backward products); "
+          "x contr. likewise")
+    print(f"{'loss':<{NAME_WIDTH}}{'dml_jax ms':>11}{'peer ms':>10}{'speed-up':>10}{'x floor':>9}"
           f"{'x contr.':>9}{'values':>10}")
     for name, (fn, peer, comparable) in peers().items():
         if args.only and name not in args.only:
@@ -364,15 +387,18 @@ def main() -> None:
             fn, e, y_pairs if layout == "pairs" else y, baseline=contrastive[layout]
         )
         peer_block = v_peer = None
+        warm_call = 0.0
         failure = "-"
         if peer is not None:
             loss_obj, miner = peer()
             try:
-                v_peer, peer_block = torch_timer(loss_obj, miner, e_np, y_np)
+                v_peer, peer_block, warm_call = torch_timer(loss_obj, miner, e_np, y_np)
             except (RuntimeError, MemoryError) as err:  # e.g. PML's lifted: B^3 memory
                 failure = "OOM" if "memory" in str(err).lower() else "error"
-        t_jax, floor, t_contr, t_peer = measure(jax_block, args.repeats, peer_block,
-                                                max(3, args.repeats // 3))
+        t_jax, floor, t_contr, t_peer = measure(
+            jax_block, args.repeats, peer_block,
+            peer_calls(args.repeats, warm_call),
+        )
         name_shown = f"{name} (pairs)" if layout == "pairs" else name
         print_row(name_shown, t_jax, t_peer, v_jax, v_peer if comparable else None, floor,
                   t_contr, failure)
@@ -410,7 +436,7 @@ def memory_rows(args, e: jax.Array, y: jax.Array) -> None:
         t_jax, floor, _, _ = measure(
             jax_timer(fn, e, y, floor_cols=cols, memory=state, **kwargs)[1], args.repeats
         )
-        print(f"{name + ' + XBM':<26}{t_jax * 1e3:>11.1f}{'-':>10}{'-':>10}"
+        print(f"{name + ' + XBM':<{NAME_WIDTH}}{t_jax * 1e3:>11.1f}{'-':>10}{'-':>10}"
               f"{t_jax / floor:>9.2f}{'-':>9}{'-':>10}")
 
 
