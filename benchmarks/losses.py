@@ -94,14 +94,27 @@ def _timed(fn: Callable, *args) -> float:
 
 
 # Both sides are timed in ROUNDS alternating blocks, so a slow phase of a shared machine (they
-# last seconds) falls on both; each block starts after a pause, and the first timed call after
-# an untimed one (a torch block's own, a JAX block's every call: see `_timed`), as the other
-# side's worker threads may still be spinning (torch's OpenMP threads slowed the first two or
-# three XLA calls after a torch block).
+# last seconds) falls on both. Each block starts with WARM_UP_S seconds of untimed calls of what
+# it times (at least one), so that both sides are timed in the steady state of a training loop:
+# after a pause (0.1 s, which an earlier version took to let torch's threads settle) this 2-core
+# VM ran a 1.3 ms ArcFace step at ~2 ms for dozens of calls, and the first two or three XLA
+# calls right after a torch block are slow too. Every timed JAX call also follows an untimed one
+# (see `_timed`).
 ROUNDS = 3
+WARM_UP_S = 0.2
 # Width of the table's name column ("symm_triplet_semi_hard (pairs)" is the longest).
 NAME_WIDTH = 32
-_SETTLE_S = 0.1
+
+
+def warm_up(*calls: Callable[[], object]) -> None:
+    """Run ``calls`` in turn, untimed, until :data:`WARM_UP_S` seconds have passed (each at
+    least once)."""
+    end = time.perf_counter() + WARM_UP_S
+    while True:
+        for call in calls:
+            jax.block_until_ready(call())
+        if time.perf_counter() >= end:
+            return
 
 
 def jax_timer(
@@ -126,7 +139,8 @@ def jax_timer(
         jax.block_until_ready(baseline(e))
 
     def block(n: int) -> tuple[list, list, list]:
-        time.sleep(_SETTLE_S)
+        warm_up(lambda: step(*args), lambda: floor(*floor_args),
+                *([lambda: baseline(e)] if baseline is not None else []))
         times, floors, bases = [], [], []
         for _ in range(n):
             times.append(_timed(step, *args))
@@ -160,8 +174,7 @@ def torch_timer(loss_obj, miner, e_np: np.ndarray, y_np: np.ndarray
     warm_call = time.perf_counter() - t
 
     def block(n: int) -> list:
-        time.sleep(_SETTLE_S)
-        run()
+        warm_up(run)
         times = []
         for _ in range(n):
             t = time.perf_counter()
