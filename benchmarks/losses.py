@@ -201,27 +201,30 @@ def measure(jax_block: Callable, repeats: int, peer_block: Callable | None = Non
             peer_repeats: int = 0) -> tuple[float, float, float | None, float | None]:
     """``(loss, floor, baseline or None, peer or None)`` in seconds over :data:`ROUNDS` rounds
     of a JAX block and a peer block (``repeats`` and ``peer_repeats`` calls in all): the
-    medians of the loss's and the peer's times, and the floor and baseline as the loss's median
-    over the median of the paired ratios (each loss call over the floor / baseline call right
-    after it), so that ``loss / floor`` is that median ratio. A ratio of two separate medians
-    moved by a third between runs on a shared VM (the triplet all row: 1.25-1.65x the floor,
-    while its ratio to the contrastive baseline stayed at 1.24-1.29): a slow phase shorter than
-    a block moves one median and not the other; each pair saw the same phase."""
-    times, floors, bases, peer = [], [], [], []
+    median of the loss's times; the floor and baseline as the loss's median over the median of
+    the paired ratios (each loss call over the floor / baseline call right after it), so that
+    ``loss / floor`` is that median ratio; and the peer as the loss's median times the median
+    over the rounds of the peer's median over the loss's in that round (adjacent blocks), so
+    that ``peer / loss`` is that median ratio. A ratio of two separate medians moved by a third
+    between runs on a shared VM (the triplet all row: 1.25-1.65x the floor, while its ratio to
+    the contrastive baseline stayed at 1.24-1.29): a slow phase shorter than the run moves one
+    median and not the other, where each pair (round) saw about the same phase."""
+    times, floors, bases, round_ratios = [], [], [], []
     for _ in range(ROUNDS):
         t, f, b = jax_block(-(-repeats // ROUNDS))
         times += t
         floors += f
         bases += b
         if peer_block is not None:
-            peer += peer_block(-(-peer_repeats // ROUNDS))
+            p = peer_block(-(-peer_repeats // ROUNDS))
+            round_ratios.append(statistics.median(p) / statistics.median(t))
     loss = statistics.median(times)
 
     def paired(others: list) -> float:
         return loss / statistics.median([t / o for t, o in zip(times, others, strict=True)])
 
     return (loss, paired(floors), paired(bases) if bases else None,
-            statistics.median(peer) if peer else None)
+            loss * statistics.median(round_ratios) if round_ratios else None)
 
 
 def peers():
