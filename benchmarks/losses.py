@@ -6,13 +6,14 @@ Same process, same inputs (float32 ``[B, D]``, ``B / per_class`` classes; the lo
 anchor/positive pairs -- N-pair, angular and the symmetrical-synthesis ones -- get the paper's
 layout instead, ``B / 2`` classes of two consecutive rows). For each loss it prints dml_jax's
 median time, the peer's (pytorch-metric-learning on torch CPU, configured to the same semantics
-where one exists), the speed-up ``peer / dml_jax``, the ratio to the matmul floor (``e @ e.T``
-and one ``[B, B] @ [B, D]``, forward+backward in JAX), the ratio to the plain contrastive loss
-on the same batch (both timed alternately with the loss, each ratio the median over the loss's
-calls of its time over the floor's / contrastive's call right after it; each timed call right
-after an untimed one of the same function, as the peer's calls follow each other), and whether
-the two values agree. The
-losses on learned class parameters (``benchmarks/losses_proxy.py``: Proxy-Anchor, ProxyNCA,
+where one exists), the speed-up ``peer / dml_jax`` (the median over three rounds of the ratio of
+the two sides' medians in the round), the ratio to the matmul floor (``e @ e.T`` and one
+``[B, B] @ [B, D]``, forward+backward in JAX), the ratio to the plain contrastive loss on the
+same batch (both timed alternately with the loss, each ratio the median over the loss's calls of
+its time over the floor's / contrastive's call right after it; each timed call right after an
+untimed one of the same function, as the peer's calls follow each other), and whether the two
+values agree. Each block of calls starts with 0.2 s of untimed ones. The losses on learned
+class parameters (``benchmarks/losses_proxy.py``: Proxy-Anchor, ProxyNCA,
 ArcFace, CosFace, SoftTriple) get one parameter row per class (SoftTriple: 10) and both sides
 differentiate it too. By default glibc is told to keep freed memory first
 (:func:`dml_jax.host_memory.retain_freed_memory`, as the experiment scripts do; both sides of
@@ -153,10 +154,10 @@ def jax_timer(
 
 
 def torch_timer(loss_obj, miner, e_np: np.ndarray, y_np: np.ndarray
-                ) -> tuple[float, Callable[[int], list], int]:
+                ) -> tuple[float, Callable[[int], list], float]:
     """The value of a pytorch-metric-learning loss, a block timer of its forward+backward
-    (``block(n)`` returns ``n`` times in seconds) and how many calls to time it for
-    (:func:`peer_calls`, from one warm call)."""
+    (``block(n)`` returns ``n`` times in seconds) and the seconds of one warm call (from which
+    :func:`peer_calls` sizes the blocks)."""
     import torch
 
     y = torch.from_numpy(y_np.astype(np.int64))
@@ -186,8 +187,8 @@ def torch_timer(loss_obj, miner, e_np: np.ndarray, y_np: np.ndarray
 
 
 # A peer call under this many seconds is timed as often as the loss; slower ones (PML's
-# all-triplet and semi-hard rows: ~0.5 s) a third as often. A median of five calls of a 4 ms
-# peer moved its speed-up by 0.3 between runs.
+# all-triplet and semi-hard rows: ~0.5 s) a third as often, to keep the run short. The fast
+# peers' medians were of five calls before, as noisy as that sounds on a shared VM.
 _CHEAP_PEER_S = 0.1
 
 
