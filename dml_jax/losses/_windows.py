@@ -56,13 +56,19 @@ def window(pos: jax.Array, start: jax.Array, slots: int) -> tuple[jax.Array, jax
     return cols, inside & jnp.take_along_axis(pos, cols, axis=1)
 
 
+def first_true(mask: jax.Array) -> jax.Array:
+    """Each row's first True column of ``mask`` ``[b, W]``, int32 ``[b]`` (``W`` without
+    one): a min-reduction of column indices over the mask (argmax's variadic reduction runs
+    scalar on XLA's CPU backend)."""
+    width = mask.shape[1]
+    return jnp.min(jnp.where(mask, jnp.arange(width, dtype=jnp.int32)[None, :], width), axis=1)
+
+
 def first_positive(pos: jax.Array) -> jax.Array:
     """Each row's first positive column in the mask ``pos`` ``[b, W]``, int32 ``[b]`` (0
-    without one): a min-reduction of column indices over the mask (argmax's variadic
-    reduction runs scalar on XLA's CPU backend)."""
-    width = pos.shape[1]
-    first = jnp.min(jnp.where(pos, jnp.arange(width, dtype=jnp.int32)[None, :], width), axis=1)
-    return jnp.where(first < width, first, 0)
+    without one, as argmax): :func:`first_true`."""
+    first = first_true(pos)
+    return jnp.where(first < pos.shape[1], first, 0)
 
 
 def first_same_label(batch) -> jax.Array:
