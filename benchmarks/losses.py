@@ -187,8 +187,7 @@ def torch_timer(loss_obj, miner, e_np: np.ndarray, y_np: np.ndarray
 
 
 # A peer call under this many seconds is timed as often as the loss; slower ones (PML's
-# all-triplet and semi-hard rows: ~0.5 s) a third as often, to keep the run short. The fast
-# peers' medians were of five calls before, as noisy as that sounds on a shared VM.
+# all-triplet and semi-hard rows: ~0.5 s) a third as often, to keep the run short.
 _CHEAP_PEER_S = 0.1
 
 
