@@ -405,7 +405,7 @@ def squared_distances_of(
     if symmetric and axis_name is None and not batch.memory.shape[0]:
         return self_distances(points(batch, None, normalize=normalize)[0], True)
     if batch.memory.shape[0]:
-        return _memory_distances_of(batch, axis_name, normalize, True)
+        return _memory_distances_of(batch, axis_name, normalize, True, symmetric)
     return _squared_from_gram(*gram(batch, axis_name, normalize=normalize, symmetric=symmetric))
 
 
@@ -467,7 +467,25 @@ def self_distances(x: jax.Array, squared: bool = False) -> jax.Array:
 self_distances.defvjp(_self_distances_fwd, _self_distances_bwd)
 
 
-def _memory_distances_fwd(rows, cols, memory, squared, symmetric):
+# How the batch columns of a ``[b, B + M]`` view get their gradient (see
+# :func:`memory_distances`).
+MEMORY_BLOCKS = ("apart", "shared", "symmetric")
+
+
+def memory_block(axis_name: str | None, symmetric: bool, shared: bool = False) -> str:
+    """The :data:`MEMORY_BLOCKS` mode of a view with a memory: ``"apart"`` under
+    ``axis_name`` (the columns are the gathered batch, not the rows); else ``"symmetric"``
+    when the loss vouches for a symmetric cotangent of the batch block, ``"shared"`` when it
+    asks for it, else ``"apart"``."""
+    if axis_name is not None:
+        return "apart"
+    if symmetric:
+        return "symmetric"
+    return "shared" if shared else "apart"
+
+
+def _memory_distances_fwd(rows, cols, memory, squared, block):
+    _checks.check_choice(block, "block", MEMORY_BLOCKS)
     # |x_i - y_j|^2 as one product of augmented vectors, [-2 x_i, |x_i|^2, 1] . [y_j, 1, |y_j|^2]:
     # the product's output is the squared distance, with no [b, B + M] pass to add the norms.
     every = jnp.concatenate([cols, memory])
@@ -480,33 +498,42 @@ def _memory_distances_fwd(rows, cols, memory, squared, symmetric):
     )
     sq = distances.dot_products(rows_aug, every_aug)
     d = jnp.maximum(sq, 0.0) if squared else distances.safe_sqrt(sq)  # safe_sqrt: 0 for sq <= 0
-    return d, (rows, cols, every, d)
+    return d, (rows, cols, memory, d)
 
 
-def _memory_distances_bwd(squared, symmetric, residuals, s):
+def _memory_distances_bwd(squared, block, residuals, s):
     # d_ij = |x_i - y_j|: dx_i = sum_j t_ij (x_i - y_j), and for a batch column y_j
     # dy_j = sum_i t_ij (y_j - x_i), with t as in `_distance_cotangent`: the row and column
     # sums of t times the points, minus the Gram matrix's gradient for the cotangent t.
-    rows, cols, every, d = residuals
-    t, scale = _distance_cotangent(s, d, squared)
+    rows, cols, memory, d = residuals
     batch = cols.shape[0]
-    if symmetric:  # the columns are the rows and t's batch block is symmetric: the columns'
-        # part equals the rows' part of that block, so the block counts twice in one product
+    hi = jax.lax.Precision.HIGHEST
+    if block == "shared":  # per block of columns, with the batch block's transpose added
+        t_b, scale = _distance_cotangent(s[:, :batch], d[:, :batch], squared)
+        t_m, _ = _distance_cotangent(s[:, batch:], d[:, batch:], squared)
+        t_b = t_b + transposed(t_b)
+        g_rows = jnp.matmul(t_b, cols, precision=hi) + jnp.matmul(t_m, memory, precision=hi)
+        row_sums = _row_sums(t_b) + _row_sums(t_m)
+        return (scale * (rows * row_sums[:, None] - g_rows), jnp.zeros_like(cols),
+                jnp.zeros_like(memory))
+    every = jnp.concatenate([cols, memory])
+    t, scale = _distance_cotangent(s, d, squared)
+    if block == "symmetric":  # the columns are the rows and t's batch block is symmetric:
+        # the columns' part equals the rows' part of that block, so it counts twice
         factor = jnp.concatenate([jnp.full((batch,), 2.0), jnp.ones((d.shape[1] - batch,))])
         t = t * factor[None, :]
-        g_rows = jnp.matmul(t, every, precision=jax.lax.Precision.HIGHEST)
+        g_rows = jnp.matmul(t, every, precision=hi)
         d_cols = jnp.zeros_like(cols)
     else:
         g_rows, g_cols, _ = _memory_gram_bwd((rows, cols, every), t)
         d_cols = scale * (cols * jnp.sum(t[:, :batch], axis=0)[:, None] - g_cols)
-    d_memory = jnp.zeros((every.shape[0] - batch, every.shape[1]))
-    return scale * (rows * _row_sums(t)[:, None] - g_rows), d_cols, d_memory
+    return scale * (rows * _row_sums(t)[:, None] - g_rows), d_cols, jnp.zeros_like(memory)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def memory_distances(
     rows: jax.Array, cols: jax.Array, memory: jax.Array, squared: bool = False,
-    symmetric: bool = False,
+    block: str = "apart",
 ) -> jax.Array:
     """Euclidean distances (``squared``: squared, clamped at 0) of the rows ``[b, D]`` to the
     batch columns ``[B, D]`` and the constant memory rows ``[M, D]``, float32 ``[b, B + M]``,
@@ -520,43 +547,57 @@ def memory_distances(
     also form the whole ``[B + M, D]`` product ``T^T @ rows`` and pass over ``[b, B + M]``
     once more for the Gram matrix's cotangent.
 
-    ``symmetric``: ``cols`` is ``rows`` (the batch against itself, no ``axis_name``) and the
-    caller vouches that the cotangent's batch block ``S[:, :B]`` is symmetric (a loss summing
-    one symmetric function over ordered pairs with symmetric masks, as the contrastive loss
-    does). The batch columns' gradient ``y * colsum(T_B) - T_B^T @ rows`` then equals the rows'
-    share of that block, and the whole gradient is the one product of the floor,
-    ``x * rowsum(T') - T' @ [cols; memory]`` with ``T' = [2 T_B, T_M]`` (the doubling fused
-    into the cotangent's pass); it goes to ``rows``, and ``cols`` gets zeros. (The batch
-    block of the augmented product is symmetric to rounding, not bit for bit: the error is
-    of the order of that rounding.)
+    ``block`` (static, one of :data:`MEMORY_BLOCKS`; :func:`memory_block` picks it):
+
+    * ``"apart"``: the batch columns' gradient as above, a product of its own (``cols`` may
+      be any array: the gathered batch under ``axis_name``).
+    * ``"symmetric"``: ``cols`` is ``rows`` (the batch against itself, no ``axis_name``) and
+      the caller vouches that the cotangent's batch block ``S[:, :B]`` is symmetric (a loss
+      summing one symmetric function over ordered pairs with symmetric masks, as the
+      contrastive loss does). The columns' gradient then equals the rows' share of that
+      block, and the whole gradient is the one product of the floor, ``x * rowsum(T') - T'
+      @ [cols; memory]`` with ``T' = [2 T_B, T_M]`` (the doubling fused into the cotangent's
+      pass); it goes to ``rows``, and ``cols`` gets zeros.
+    * ``"shared"``: ``cols`` is ``rows``, any cotangent: the columns' share joins the rows'
+      products, ``(T_B + T_B^T) @ cols + T_M @ memory`` (one ``[B, B]`` transpose instead of
+      a ``[B, B] @ [B, D]`` product), ``cols`` gets zeros. ``T_B`` and ``T_M`` are written
+      by passes of their own, which pays when ``S`` is a materialised array (the triplet
+      miners' coefficients: 3-5% of the triplet loss with a memory of 8,192, A/B); a
+      cotangent that is an expression would be materialised for them (the ranked list loss:
+      1-2% slower).
+
+    (The batch block of the augmented product is symmetric to rounding, not bit for bit: for
+    ``"symmetric"`` and ``"shared"`` the error is of the order of that rounding.)
     """
-    return _memory_distances_fwd(rows, cols, memory, squared, symmetric)[0]
+    return _memory_distances_fwd(rows, cols, memory, squared, block)[0]
 
 
 memory_distances.defvjp(_memory_distances_fwd, _memory_distances_bwd)
 
 
-def _memory_distances_of(batch, axis_name, normalize, squared, symmetric=False):
+def _memory_distances_of(batch, axis_name, normalize, squared, symmetric=False, shared=False):
     rows, cols = points(batch, axis_name, normalize=normalize)
     memory = distances.l2_normalize(batch.memory) if normalize else batch.memory
     return memory_distances(
-        rows, cols, jax.lax.stop_gradient(memory), squared, symmetric and axis_name is None
+        rows, cols, jax.lax.stop_gradient(memory), squared,
+        memory_block(axis_name, symmetric, shared),
     )
 
 
 def distances_of(
-    batch: PairBatch, axis_name: str | None, *, symmetric: bool = False
+    batch: PairBatch, axis_name: str | None, *, symmetric: bool = False, shared: bool = False
 ) -> jax.Array:
     """Euclidean distances of the local rows to the columns, float32 ``[b, B + M]`` (finite
     gradient at 0, see :func:`dml_jax.distances.safe_sqrt`). ``symmetric``: the loss's
     cotangent of the ``[B, B]`` block is symmetric (see :func:`self_gram`); without
     ``axis_name`` and memory the distances then come from :func:`self_distances`. With a
-    memory they come from :func:`memory_distances` (its one-product gradient when
-    ``symmetric`` and no ``axis_name``)."""
+    memory they come from :func:`memory_distances`, with its one-product gradient when
+    ``symmetric`` and no ``axis_name``; ``shared`` (a loss whose cotangent is a materialised
+    array) asks for its ``"shared"`` block otherwise (see :func:`memory_block`)."""
     if symmetric and axis_name is None and not batch.memory.shape[0]:
         return self_distances(points(batch, None)[0], False)
     if batch.memory.shape[0]:
-        return _memory_distances_of(batch, axis_name, False, False, symmetric)
+        return _memory_distances_of(batch, axis_name, False, False, symmetric, shared)
     return distances.safe_sqrt(squared_distances_of(batch, axis_name, symmetric=symmetric))
 
 

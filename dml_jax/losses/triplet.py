@@ -659,12 +659,14 @@ def triplet_loss(
     batch = with_memory(batch, memory, sort_by_label=mining != "batch_hard")
     points = batch.cols
     # The batch against itself (rows and columns in the same label order): "all" and
-    # "semi_hard" take a symmetric cotangent (see `_mined_total`).
+    # "semi_hard" take a symmetric cotangent (see `_mined_total`); with a memory, their
+    # cotangent (the mined coefficients, a materialised array) gives the batch columns
+    # their gradient through the rows' products (`_batch.memory_distances`' "shared").
     symmetric = axis_name is None and memory is None and mining != "batch_hard"
     if batch.memory.shape[0]:
         points = jnp.concatenate([points, batch.memory])
+    d = _batch.distances_of(batch, axis_name, symmetric=symmetric, shared=mining != "batch_hard")
     return triplet_from_distances(
-        _batch.distances_of(batch, axis_name, symmetric=symmetric), batch, margin=margin,
-        mining=mining, axis_name=axis_name,
+        d, batch, margin=margin, mining=mining, axis_name=axis_name,
         distance_to=gathered_distances(batch.rows, points), symmetric=symmetric,
     )

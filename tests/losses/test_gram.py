@@ -87,14 +87,19 @@ def test_self_distances_gradient_on_a_symmetric_cotangent(squared):
     assert np.abs(np.asarray(g1)).max() > 0.1
 
 
-@pytest.mark.parametrize("squared", [False, True, None])  # None: the Gram matrix
-@pytest.mark.parametrize("shared", [True, False])
-def test_memory_blocks_against_autodiff(squared, shared):
+MEMORY_BLOCK_CASES = [  # (squared: None for the Gram matrix, columns are the rows, block)
+    (squared, shared, "apart") for squared in (False, True, None) for shared in (True, False)
+] + [(False, True, "shared"), (True, True, "shared")]
+
+
+@pytest.mark.parametrize("squared,shared,block", MEMORY_BLOCK_CASES)
+def test_memory_blocks_against_autodiff(squared, shared, block):
     """``memory_distances`` / ``memory_gram`` (rows against batch columns and constant memory
     rows) against autodiff of the plain computation, with the columns the rows themselves (the
-    single-device view: both gradients reach one array) or a separate array (the gathered
-    columns under ``axis_name``); a duplicate of a row in the memory, a zero row, and a
-    non-symmetric cotangent. The memory's gradient is zero."""
+    single-device view: both gradients reach one array; ``memory_distances``'
+    ``block="shared"`` folds the columns' share into the rows' products) or a separate array
+    (the gathered columns under ``axis_name``); a duplicate of a row in the memory, a zero
+    row, and a non-symmetric cotangent. The memory's gradient is zero."""
     rng = np.random.default_rng(6)
     x = rng.integers(-3, 4, size=(10, 5)).astype(np.float32)
     x[4] = 0.0
@@ -116,7 +121,7 @@ def test_memory_blocks_against_autodiff(squared, shared):
     def custom(x, c, m):
         if squared is None:
             return jnp.sum(w * _batch.memory_gram(x, c, m))
-        return jnp.sum(w * _batch.memory_distances(x, c, m, squared))
+        return jnp.sum(w * _batch.memory_distances(x, c, m, squared, block))
 
     def run(fn):
         if shared:
@@ -135,10 +140,11 @@ def test_memory_blocks_against_autodiff(squared, shared):
 
 @pytest.mark.parametrize("squared", [False, True])
 def test_memory_distances_symmetric_batch_block_against_autodiff(squared):
-    """With ``symmetric`` (the columns are the rows, and the cotangent's batch block is
-    symmetric, as the contrastive loss's) ``memory_distances`` folds the columns' gradient
-    into one product: the points get autodiff's gradient of the plain computation, through
-    both the rows and the columns (a zero row and a memory row equal to a batch row)."""
+    """With ``block="symmetric"`` (the columns are the rows, and the cotangent's batch block
+    is symmetric, as the contrastive loss's) ``memory_distances`` folds the columns' gradient
+    into the rows' products: the points get autodiff's gradient of the plain computation,
+    through both the rows and the columns (a zero row and a memory row equal to a batch
+    row)."""
     rng = np.random.default_rng(7)
     x = rng.integers(-3, 4, size=(10, 5)).astype(np.float32)
     x[4] = 0.0
@@ -158,7 +164,7 @@ def test_memory_distances_symmetric_batch_block_against_autodiff(squared):
         return jnp.sum(w * (sq if squared else distances.safe_sqrt(sq)))
 
     def custom(x):
-        return jnp.sum(w * _batch.memory_distances(x, x, memory, squared, True))
+        return jnp.sum(w * _batch.memory_distances(x, x, memory, squared, "symmetric"))
 
     (v1, g1), (v2, g2) = jax.value_and_grad(custom)(x), jax.value_and_grad(plain)(x)
     np.testing.assert_allclose(v1, v2, rtol=1e-5)
