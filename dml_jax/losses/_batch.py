@@ -511,7 +511,7 @@ def _memory_distances_bwd(squared, block, residuals, s):
     if block == "shared":  # per block of columns, with the batch block's transpose added
         t_b, scale = _distance_cotangent(s[:, :batch], d[:, :batch], squared)
         t_m, _ = _distance_cotangent(s[:, batch:], d[:, batch:], squared)
-        t_b = t_b + transposed(t_b)
+        t_b = transpose_sum(t_b)
         g_rows = jnp.matmul(t_b, cols, precision=hi) + jnp.matmul(t_m, memory, precision=hi)
         row_sums = _row_sums(t_b) + _row_sums(t_m)
         return (scale * (rows * row_sums[:, None] - g_rows), jnp.zeros_like(cols),
