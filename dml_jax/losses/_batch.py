@@ -562,9 +562,9 @@ def memory_distances(
       products, ``(T_B + T_B^T) @ cols + T_M @ memory`` (one ``[B, B]`` transpose instead of
       a ``[B, B] @ [B, D]`` product), ``cols`` gets zeros. ``T_B`` and ``T_M`` are written
       by passes of their own, which pays when ``S`` is a materialised array (the triplet
-      miners' coefficients: 3-5% of the triplet loss with a memory of 8,192, A/B); a
+      miners' coefficients: 2-5% of the triplet loss with a memory of 8,192, A/B); a
       cotangent that is an expression would be materialised for them (the ranked list loss:
-      1-2% slower).
+      0-2% slower, A/B).
 
     (The batch block of the augmented product is symmetric to rounding, not bit for bit: for
     ``"symmetric"`` and ``"shared"`` the error is of the order of that rounding.)
