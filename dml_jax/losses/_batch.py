@@ -101,7 +101,10 @@ def pair_batch(
     b = rows.shape[0]
     row_ids = parallel.row_offset(b, axis_name) + jnp.arange(b, dtype=jnp.int32)
     pos, neg = pair_masks(row_labels, row_valid, row_ids, col_labels, col_valid, col_ids)
-    same_label_count = label_counts(row_labels, col_labels, col_valid)
+    # Ordered by label, the columns' keys are already sorted (invalid ones last).
+    same_label_count = label_counts(
+        row_labels, col_labels, col_valid, presorted=sort_by_label and axis_name is None
+    )
     return PairBatch(
         rows=rows,
         cols=cols,
@@ -139,14 +142,19 @@ def pair_masks(
     return same & not_self & both_valid, ~same & both_valid
 
 
-def label_counts(queries: jax.Array, labels: jax.Array, valid: jax.Array) -> jax.Array:
+def label_counts(
+    queries: jax.Array, labels: jax.Array, valid: jax.Array, *, presorted: bool = False
+) -> jax.Array:
     """For each query label ``[b]``, how many valid ``labels`` ``[M]`` equal it: int32 ``[b]``.
 
     One ``[M]`` sort and two binary searches per query (``O((M + b) log M)``), where counting
-    a ``[b, M]`` mask costs a full pass over it.
+    a ``[b, M]`` mask costs a full pass over it. ``presorted``: the caller vouches that the
+    valid labels come first and ascending (as :func:`label_order` leaves them), so the sort
+    is skipped.
     """
     top = jnp.iinfo(jnp.int32).max
-    ordered = jnp.sort(jnp.where(valid, labels, top))
+    keys = jnp.where(valid, labels, top)
+    ordered = keys if presorted else jnp.sort(keys)
     num_valid = jnp.sum(valid, dtype=jnp.int32)
     below = jnp.minimum(jnp.searchsorted(ordered, queries, side="left"), num_valid)
     upto = jnp.minimum(jnp.searchsorted(ordered, queries, side="right"), num_valid)
