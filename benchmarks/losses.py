@@ -128,9 +128,16 @@ def jax_timer(
     columns, default ``e``; with ``params``: :func:`class_floor`) and one of the jitted step
     ``baseline(e)`` (when given), so each ratio compares runs that saw the same machine state;
     each timed call follows an untimed one of the same function (:func:`_timed`).
-    Returns the three lists of seconds (the last empty without ``baseline``)."""
-    args = (e, y) if params is None else (e, y, params)
-    step = jax.jit(jax.value_and_grad(lambda *a: fn(*a, **kwargs),
+    ``kwargs``: the loss's keyword arguments; arrays among them (a memory) are passed to the
+    jitted step as arguments, strings and numbers are fixed. Returns the three lists of
+    seconds (the last empty without ``baseline``)."""
+    # Arrays among the keyword arguments (a cross-batch memory) are arguments of the jitted
+    # step, as in training: closed over, XLA would fold whatever depends on them alone (the
+    # memory's label sort and its [M, D] gather) into constants.
+    static = {k: v for k, v in kwargs.items() if isinstance(v, (str, int, float, bool))}
+    traced = {k: v for k, v in kwargs.items() if k not in static}
+    args = ((e, y) if params is None else (e, y, params)) + (traced,)
+    step = jax.jit(jax.value_and_grad(lambda *a: fn(*a[:-1], **a[-1], **static),
                                       argnums=0 if params is None else (0, 2)))
     cols = e if floor_cols is None else floor_cols
     floor, floor_args = (pair_floor, (e, cols)) if params is None else (class_floor, (e, params))

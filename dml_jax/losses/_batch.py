@@ -186,7 +186,8 @@ permute_rows.defvjp(_permute_rows_fwd, _permute_rows_bwd)
 
 
 def append_memory(
-    batch: PairBatch, cols: jax.Array, labels: jax.Array, valid: jax.Array
+    batch: PairBatch, cols: jax.Array, labels: jax.Array, valid: jax.Array, *,
+    presorted: bool = False,
 ) -> PairBatch:
     """``batch`` with ``M`` constant columns after its ``B`` columns (a cross-batch memory).
 
@@ -199,11 +200,14 @@ def append_memory(
       cols: float32 ``[M, D]`` (invalid rows already zeroed); taken as constants (no gradient).
       labels: int32 ``[M]``.
       valid: bool ``[M]``.
+      presorted: the memory's valid labels come first and ascending (:func:`label_order`),
+        as :func:`label_counts` may then assume.
 
     Returns:
       The widened :class:`PairBatch` (``[b, B + M]`` masks; rows unchanged).
     """
-    in_memory = label_counts(batch.row_labels, labels, valid).astype(jnp.float32)
+    in_memory = label_counts(batch.row_labels, labels, valid, presorted=presorted)
+    in_memory = in_memory.astype(jnp.float32)
     col_labels = jnp.concatenate([batch.col_labels, labels], axis=0)
     col_valid = jnp.concatenate([batch.col_valid, valid], axis=0)
     col_ids = jnp.concatenate([batch.col_ids, jnp.full(labels.shape, -1, jnp.int32)])

@@ -166,4 +166,4 @@ def with_memory(
         order = _batch.label_order(labels, valid)
         embeddings, labels, valid = embeddings[order], labels[order], valid[order]
     cols = jax.lax.stop_gradient(_checks.mask_rows(embeddings, valid))
-    return _batch.append_memory(batch, cols, labels, valid)
+    return _batch.append_memory(batch, cols, labels, valid, presorted=sort_by_label)
