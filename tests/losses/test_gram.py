@@ -273,10 +273,14 @@ def test_pos_and_neg_counts_equal_the_mask_sums(sort_by_label):
     y = jnp.asarray(rng.integers(0, 4, size=20), jnp.int32).at[3].set(jnp.iinfo(jnp.int32).max)
     where = jnp.asarray(rng.random(20) > 0.2)
     batch = _batch.pair_batch(e, y, where, None, sort_by_label=sort_by_label)
-    mem_labels = jnp.asarray(rng.integers(0, 5, size=9), jnp.int32)
-    mem_valid = jnp.asarray(rng.random(9) > 0.3)
+    mem_labels = jnp.asarray(rng.integers(0, 5, size=9), jnp.int32).at[2].set(y[3])
+    mem_valid = jnp.asarray(rng.random(9) > 0.3).at[2].set(True)
     wide = _batch.append_memory(batch, jnp.zeros((9, 3)), mem_labels, mem_valid)
-    for view in (batch, wide):
+    order = _batch.label_order(mem_labels, mem_valid)  # as with_memory(sort_by_label=True)
+    wide_sorted = _batch.append_memory(
+        batch, jnp.zeros((9, 3)), mem_labels[order], mem_valid[order], presorted=True
+    )
+    for view in (batch, wide, wide_sorted):
         np.testing.assert_array_equal(view.pos_count, np.sum(np.asarray(view.pos), axis=1))
         np.testing.assert_array_equal(view.neg_count, np.sum(np.asarray(view.neg), axis=1))
 
