@@ -131,8 +131,7 @@ def jax_timer(
     ``kwargs``: the loss's keyword arguments; arrays among them (a memory) are passed to the
     jitted step as arguments, strings and numbers are fixed. Returns the three lists of
     seconds (the last empty without ``baseline``)."""
-    # Arrays among the keyword arguments (a cross-batch memory) are arguments of the jitted
-    # step, as in training: closed over, XLA would fold whatever depends on them alone (the
+    # As in training: closed over, XLA would fold what depends on the arrays alone (the
     # memory's label sort and its [M, D] gather) into constants.
     static = {k: v for k, v in kwargs.items() if isinstance(v, (str, int, float, bool))}
     traced = {k: v for k, v in kwargs.items() if k not in static}

@@ -520,26 +520,26 @@ def _memory_distances_bwd(squared, block, residuals, s):
     rows, cols, memory, d = residuals
     batch = cols.shape[0]
     hi = jax.lax.Precision.HIGHEST
+    d_cols = jnp.zeros_like(cols)  # "symmetric", "shared": the rows' products carry it
     if block == "shared":  # per block of columns, with the batch block's transpose added
         t_b, scale = _distance_cotangent(s[:, :batch], d[:, :batch], squared)
         t_m, _ = _distance_cotangent(s[:, batch:], d[:, batch:], squared)
         t_b = transpose_sum(t_b)
         g_rows = jnp.matmul(t_b, cols, precision=hi) + jnp.matmul(t_m, memory, precision=hi)
         row_sums = _row_sums(t_b) + _row_sums(t_m)
-        return (scale * (rows * row_sums[:, None] - g_rows), jnp.zeros_like(cols),
-                jnp.zeros_like(memory))
-    every = jnp.concatenate([cols, memory])
-    t, scale = _distance_cotangent(s, d, squared)
-    if block == "symmetric":  # the columns are the rows and t's batch block is symmetric:
-        # the columns' part equals the rows' part of that block, so it counts twice
-        factor = jnp.concatenate([jnp.full((batch,), 2.0), jnp.ones((d.shape[1] - batch,))])
-        t = t * factor[None, :]
-        g_rows = jnp.matmul(t, every, precision=hi)
-        d_cols = jnp.zeros_like(cols)
     else:
-        g_rows, g_cols, _ = _memory_gram_bwd((rows, cols, every), t)
-        d_cols = scale * (cols * jnp.sum(t[:, :batch], axis=0)[:, None] - g_cols)
-    return scale * (rows * _row_sums(t)[:, None] - g_rows), d_cols, jnp.zeros_like(memory)
+        every = jnp.concatenate([cols, memory])
+        t, scale = _distance_cotangent(s, d, squared)
+        if block == "symmetric":  # the columns are the rows and t's batch block is
+            # symmetric: the columns' part equals the rows' part of that block, twice
+            factor = jnp.concatenate([jnp.full((batch,), 2.0), jnp.ones((d.shape[1] - batch,))])
+            t = t * factor[None, :]
+            g_rows = jnp.matmul(t, every, precision=hi)
+        else:
+            g_rows, g_cols, _ = _memory_gram_bwd((rows, cols, every), t)
+            d_cols = scale * (cols * jnp.sum(t[:, :batch], axis=0)[:, None] - g_cols)
+        row_sums = _row_sums(t)
+    return scale * (rows * row_sums[:, None] - g_rows), d_cols, jnp.zeros_like(memory)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
