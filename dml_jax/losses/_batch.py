@@ -481,34 +481,38 @@ self_distances.defvjp(_self_distances_fwd, _self_distances_bwd)
 
 # How the batch columns of a ``[b, B + M]`` view get their gradient (see
 # :func:`memory_distances`).
-MEMORY_BLOCKS = ("apart", "shared", "symmetric")
+MEMORY_BLOCKS = ("apart", "symmetric")
 
 
-def memory_block(axis_name: str | None, symmetric: bool, shared: bool = False) -> str:
-    """The :data:`MEMORY_BLOCKS` mode of a view with a memory: ``"apart"`` under
-    ``axis_name`` (the columns are the gathered batch, not the rows); else ``"symmetric"``
-    when the loss vouches for a symmetric cotangent of the batch block, ``"shared"`` when it
-    asks for it, else ``"apart"``."""
-    if axis_name is not None:
-        return "apart"
-    if symmetric:
-        return "symmetric"
-    return "shared" if shared else "apart"
+def memory_block(axis_name: str | None, symmetric: bool) -> str:
+    """The :data:`MEMORY_BLOCKS` mode of a view with a memory: ``"symmetric"`` without
+    ``axis_name`` when the loss vouches for a symmetric cotangent of the batch block, else
+    ``"apart"`` (under ``axis_name`` the columns are the gathered batch, not the rows)."""
+    return "symmetric" if symmetric and axis_name is None else "apart"
 
 
-def _memory_distances_fwd(rows, cols, memory, squared, block):
-    _checks.check_choice(block, "block", MEMORY_BLOCKS)
-    # |x_i - y_j|^2 as one product of augmented vectors, [-2 x_i, |x_i|^2, 1] . [y_j, 1, |y_j|^2]:
-    # the product's output is the squared distance, with no [b, B + M] pass to add the norms.
-    every = jnp.concatenate([cols, memory])
-    every_aug = jnp.concatenate(
-        [every, jnp.ones((every.shape[0], 1)), jnp.sum(every * every, axis=1, keepdims=True)], 1
-    )
+def augmented_squared_distances(rows: jax.Array, *cols: jax.Array) -> jax.Array:
+    """``|x_i - y_j|^2`` of the rows ``[b, D]`` to the columns, the blocks ``cols`` (each
+    ``[W_k, D]``) stacked, float32 ``[b, sum W_k]`` (not clamped: rounding may leave it
+    slightly below 0), as one product of augmented vectors ``[-2 x_i, |x_i|^2, 1] . [y_j, 1,
+    |y_j|^2]``: the product's output is the squared distance, with no ``[b, W]`` pass to add
+    the norms (on XLA's CPU backend the 514-wide product beat the 512-wide one plus that
+    pass: 24.2 against 31.4 ms at ``[1024, 9216]``). The blocks are augmented one by one, so
+    their plain stack is never formed."""
+    cols_aug = jnp.concatenate([
+        jnp.concatenate([y, jnp.ones((y.shape[0], 1)), jnp.sum(y * y, axis=1, keepdims=True)], 1)
+        for y in cols
+    ])
     rows_aug = jnp.concatenate(
         [-2.0 * rows, jnp.sum(rows * rows, axis=1, keepdims=True), jnp.ones((rows.shape[0], 1))],
         1,
     )
-    sq = distances.dot_products(rows_aug, every_aug)
+    return distances.dot_products(rows_aug, cols_aug)
+
+
+def _memory_distances_fwd(rows, cols, memory, squared, block):
+    _checks.check_choice(block, "block", MEMORY_BLOCKS)
+    sq = augmented_squared_distances(rows, cols, memory)
     d = jnp.maximum(sq, 0.0) if squared else distances.safe_sqrt(sq)  # safe_sqrt: 0 for sq <= 0
     return d, (rows, cols, memory, d)
 
@@ -520,26 +524,18 @@ def _memory_distances_bwd(squared, block, residuals, s):
     rows, cols, memory, d = residuals
     batch = cols.shape[0]
     hi = jax.lax.Precision.HIGHEST
-    d_cols = jnp.zeros_like(cols)  # "symmetric", "shared": the rows' products carry it
-    if block == "shared":  # per block of columns, with the batch block's transpose added
-        t_b, scale = _distance_cotangent(s[:, :batch], d[:, :batch], squared)
-        t_m, _ = _distance_cotangent(s[:, batch:], d[:, batch:], squared)
-        t_b = transpose_sum(t_b)
-        g_rows = jnp.matmul(t_b, cols, precision=hi) + jnp.matmul(t_m, memory, precision=hi)
-        row_sums = _row_sums(t_b) + _row_sums(t_m)
+    every = jnp.concatenate([cols, memory])
+    t, scale = _distance_cotangent(s, d, squared)
+    if block == "symmetric":  # the columns are the rows and t's batch block is symmetric:
+        # the columns' part equals the rows' part of that block, twice
+        factor = jnp.concatenate([jnp.full((batch,), 2.0), jnp.ones((d.shape[1] - batch,))])
+        t = t * factor[None, :]
+        g_rows = jnp.matmul(t, every, precision=hi)
+        d_cols = jnp.zeros_like(cols)  # the rows' product carries it
     else:
-        every = jnp.concatenate([cols, memory])
-        t, scale = _distance_cotangent(s, d, squared)
-        if block == "symmetric":  # the columns are the rows and t's batch block is
-            # symmetric: the columns' part equals the rows' part of that block, twice
-            factor = jnp.concatenate([jnp.full((batch,), 2.0), jnp.ones((d.shape[1] - batch,))])
-            t = t * factor[None, :]
-            g_rows = jnp.matmul(t, every, precision=hi)
-        else:
-            g_rows, g_cols, _ = _memory_gram_bwd((rows, cols, every), t)
-            d_cols = scale * (cols * jnp.sum(t[:, :batch], axis=0)[:, None] - g_cols)
-        row_sums = _row_sums(t)
-    return scale * (rows * row_sums[:, None] - g_rows), d_cols, jnp.zeros_like(memory)
+        g_rows, g_cols, _ = _memory_gram_bwd((rows, cols, every), t)
+        d_cols = scale * (cols * jnp.sum(t[:, :batch], axis=0)[:, None] - g_cols)
+    return scale * (rows * _row_sums(t)[:, None] - g_rows), d_cols, jnp.zeros_like(memory)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
@@ -570,16 +566,10 @@ def memory_distances(
       block, and the whole gradient is the one product of the floor, ``x * rowsum(T') - T'
       @ [cols; memory]`` with ``T' = [2 T_B, T_M]`` (the doubling fused into the cotangent's
       pass); it goes to ``rows``, and ``cols`` gets zeros.
-    * ``"shared"``: ``cols`` is ``rows``, any cotangent: the columns' share joins the rows'
-      products, ``(T_B + T_B^T) @ cols + T_M @ memory`` (one ``[B, B]`` transpose instead of
-      a ``[B, B] @ [B, D]`` product), ``cols`` gets zeros. ``T_B`` and ``T_M`` are written
-      by passes of their own, which pays when ``S`` is a materialised array (the triplet
-      miners' coefficients: 2-5% of the triplet loss with a memory of 8,192, A/B); a
-      cotangent that is an expression would be materialised for them (the ranked list loss:
-      0-2% slower, A/B).
 
     (The batch block of the augmented product is symmetric to rounding, not bit for bit: for
-    ``"symmetric"`` and ``"shared"`` the error is of the order of that rounding.)
+    ``"symmetric"`` the error is of the order of that rounding.) The triplet miners, whose
+    cotangent is a materialised array, take :func:`mined_distance_sum` instead.
     """
     return _memory_distances_fwd(rows, cols, memory, squared, block)[0]
 
@@ -587,29 +577,77 @@ def memory_distances(
 memory_distances.defvjp(_memory_distances_fwd, _memory_distances_bwd)
 
 
-def _memory_distances_of(batch, axis_name, normalize, squared, symmetric=False, shared=False):
+def _mined_distance_sum_fwd(k, sq, rows, memory):
+    hi = jax.lax.Precision.HIGHEST
+    batch = rows.shape[0]
+    k_b = transpose_sum(k[:, :batch])  # the rows' and the batch columns' shares of the block
+    k_m = k[:, batch:]
+    q_b = jnp.matmul(k_b, rows, precision=hi)
+    q_m = jnp.matmul(k_m, memory, precision=hi)
+    memory_sq = jnp.sum(memory * memory, axis=1)
+    m_sums = jnp.matmul(  # [b, 2]: the memory block's row sums of k and of k |y_j|^2
+        k_m, jnp.stack([jnp.ones_like(memory_sq), memory_sq], axis=1), precision=hi
+    )
+    row_sums = _row_sums(k_b) + m_sums[:, 0]
+    # sum_ij k_ij |x_i - y_j|^2 = sum_i |x_i|^2 rowsum_i + sum_j |y_j|^2 colsum_j
+    # - 2 sum_i x_i . (k y)_i; over the batch block sum_i x_i . (k_b y)_i counts it twice.
+    value = (jnp.sum(jnp.sum(rows * rows, axis=1) * row_sums) + jnp.sum(m_sums[:, 1])
+             - jnp.sum(rows * q_b) - 2.0 * jnp.sum(rows * q_m))
+    return value, rows * row_sums[:, None] - q_b - q_m
+
+
+def _mined_distance_sum_bwd(grad_rows, g):
+    return None, None, g * grad_rows, None
+
+
+@jax.custom_vjp
+def mined_distance_sum(k: jax.Array, sq: jax.Array, rows: jax.Array,
+                       memory: jax.Array) -> jax.Array:
+    """``sum_ij C_ij d_ij`` for mined coefficients ``C`` held constant, ``d`` the Euclidean
+    distances of the rows ``[B, D]`` to the columns ``[rows; memory]`` (the single-device view
+    with a memory of constant rows ``[M, D]``), given ``k = C / d`` ``[B, B + M]`` (0 where
+    ``d = 0``) and the squared distances ``sq = d^2`` ``[B, B + M]`` (constants): a float32
+    scalar whose gradient for ``rows`` is ``sum_j C_ij (x_i - y_j) / d_ij`` plus, for a batch
+    column, ``sum_a C_aj (x_j - x_a) / d_aj`` (``C``'s subgradient; ``memory`` takes none).
+
+    A miner that writes ``k`` in its coefficient pass spares the two ``[B, B + M]`` passes of
+    summing ``C * d`` and of forming the distances' cotangent ``C / d``: differentiated, the
+    backward products run forward, ``(k_B + k_B^T) @ rows + k_M @ memory`` (``k_B``, ``k_M``:
+    the batch and memory blocks; one ``[B, B]`` transpose instead of a product for the batch
+    columns' share), and the value comes from them, ``sum_i |x_i|^2 r_i + sum_j |y_j|^2
+    c_j - 2 sum_i x_i . (k y)_i`` (``r``, ``c``: ``k``'s row and column sums), with no pass
+    over ``[B, B + M]`` (its rounding is that of the distances' own expansion); the backward
+    pass scales the ``[B, D]`` result. Undifferentiated, it is ``sum(k * sq)``. Holds ``k``'s
+    blocks and a few ``[B, D]`` arrays besides.
+    """
+    return jnp.sum(k * sq)
+
+
+mined_distance_sum.defvjp(_mined_distance_sum_fwd, _mined_distance_sum_bwd)
+
+
+def _memory_distances_of(batch, axis_name, normalize, squared, symmetric=False):
     rows, cols = points(batch, axis_name, normalize=normalize)
     memory = distances.l2_normalize(batch.memory) if normalize else batch.memory
     return memory_distances(
         rows, cols, jax.lax.stop_gradient(memory), squared,
-        memory_block(axis_name, symmetric, shared),
+        memory_block(axis_name, symmetric),
     )
 
 
 def distances_of(
-    batch: PairBatch, axis_name: str | None, *, symmetric: bool = False, shared: bool = False
+    batch: PairBatch, axis_name: str | None, *, symmetric: bool = False
 ) -> jax.Array:
     """Euclidean distances of the local rows to the columns, float32 ``[b, B + M]`` (finite
     gradient at 0, see :func:`dml_jax.distances.safe_sqrt`). ``symmetric``: the loss's
     cotangent of the ``[B, B]`` block is symmetric (see :func:`self_gram`); without
     ``axis_name`` and memory the distances then come from :func:`self_distances`. With a
     memory they come from :func:`memory_distances`, with its one-product gradient when
-    ``symmetric`` and no ``axis_name``; ``shared`` (a loss whose cotangent is a materialised
-    array) asks for its ``"shared"`` block otherwise (see :func:`memory_block`)."""
+    ``symmetric`` and no ``axis_name`` (see :func:`memory_block`)."""
     if symmetric and axis_name is None and not batch.memory.shape[0]:
         return self_distances(points(batch, None)[0], False)
     if batch.memory.shape[0]:
-        return _memory_distances_of(batch, axis_name, False, False, symmetric, shared)
+        return _memory_distances_of(batch, axis_name, False, False, symmetric)
     return distances.safe_sqrt(squared_distances_of(batch, axis_name, symmetric=symmetric))
 
 

@@ -49,7 +49,10 @@ values are added at their columns by one ``[b, S]`` scatter into the coefficient
 scatters and gathers, a few ``[b, W]`` arrays, no ``[b, W]`` sort. Only an anchor whose two
 runs span more than 512 columns (a class with that many rows in the batch and memory), or
 columns not sorted by label, send the view to the sort-based path (``O(b W log W)``, several
-``[b, W]`` arrays).
+``[b, W]`` arrays). On one device (no ``axis_name``) the coefficient pass writes ``C / d``
+instead of ``C``, and :func:`~dml_jax.losses._batch.mined_distance_sum` takes the loss's value
+and gradient from the backward products: no ``[b, W]`` pass sums ``C * d`` or forms the
+distances' cotangent ``C / d``.
 """
 
 from __future__ import annotations
@@ -366,10 +369,17 @@ def _stable_order(values: jax.Array) -> jax.Array:
                         jnp.broadcast_to(index, (rows, n)))
 
 
-def _all_bucketed(d, batch, margin, runs, slots):
+def _per_distance(c: jax.Array, d: jax.Array) -> jax.Array:
+    """``c / d`` where ``d > 0``, else 0 (as :func:`dml_jax.distances.safe_sqrt`'s gradient)."""
+    return jnp.where(d > 0, c / jnp.where(d > 0, d, 1.0), 0.0)
+
+
+def _all_bucketed(d, batch, margin, runs, slots, per_distance=False):
     """``"all"`` with an anchor's positives sorted in ``slots`` slots: each negative's count
     of active thresholds by comparison, each positive's count of active negatives from a
-    per-row histogram of those counts. ``O(b S W)`` comparisons, one ``[b, W]`` scatter."""
+    per-row histogram of those counts. ``O(b S W)`` comparisons, one ``[b, W]`` scatter.
+    ``per_distance``: the coefficients divided by the distances (:func:`_per_distance`, in the
+    coefficient pass), as :func:`~dml_jax.losses._batch.mined_distance_sum` takes them."""
     d_ap, filled, cols = _pack_runs(d, batch, runs, slots)
     threshold = jnp.where(filled, d_ap + margin, jnp.inf)  # sorted: d_ap is, inf last
     below = _count_below(threshold, d, strict=False)  # #thresholds <= d_an: inactive ones
@@ -381,16 +391,20 @@ def _all_bucketed(d, batch, margin, runs, slots):
     per_positive = per_positive.astype(jnp.float32)
     # The positives' entries of -per_negative are 0: the sorted slots are added there, where
     # gathering each entry's value from its offset in its run cost the pass a gather.
+    n_active = jnp.sum(per_positive)
+    if per_distance:
+        per_negative, per_positive = _per_distance(per_negative, d), _per_distance(per_positive,
+                                                                                   d_ap)
     coef = _windows.add_at_columns(-per_negative, cols, per_positive)
-    return coef, jnp.sum(per_positive)
+    return coef, n_active
 
 
-def _semi_hard_bucketed(d, batch, margin, runs, slots):
+def _semi_hard_bucketed(d, batch, margin, runs, slots, per_distance=False):
     """``"semi_hard"`` with an anchor's positives sorted in ``slots`` slots: each negative's
     bucket (how many positives are closer), per-bucket minima (a scatter-min), the closest
     harder negative of each positive as a reverse cumulative minimum over the buckets above
     it. Ties as :func:`_semi_hard_slotted`. ``O(b S W)`` comparisons, two ``[b, W]``
-    scatters and two ``[b, W]`` gathers."""
+    scatters and two ``[b, W]`` gathers. ``per_distance``: as :func:`_all_bucketed`."""
     d_ap, filled, cols = _pack_runs(d, batch, runs, slots)
     bucket = _count_below(d_ap, d, strict=True)  # #positives with d_ap < d_an, in [0, S]
     neg_d = jnp.where(batch.neg, d, jnp.inf)
@@ -418,7 +432,10 @@ def _semi_hard_bucketed(d, batch, margin, runs, slots):
     neg_coef = jnp.where(is_min, _row_gather(per_bucket, bucket), 0.0)
     neg_coef = neg_coef + w_far[:, None] * hit_far
     active = active.astype(jnp.float32)
-    return _windows.add_at_columns(-neg_coef, cols, active), jnp.sum(active)  # as "all"
+    n_active = jnp.sum(active)
+    if per_distance:
+        neg_coef, active = _per_distance(neg_coef, d), _per_distance(active, d_ap)
+    return _windows.add_at_columns(-neg_coef, cols, active), n_active  # as "all"
 
 
 def _by_row_chunks(fallback, d, batch, margin):
@@ -449,7 +466,8 @@ def _by_row_chunks(fallback, d, batch, margin):
     return coef.reshape(-1, width)[:rows], jnp.sum(active)
 
 
-def _mined_total(d, batch, margin, slotted, fallback, bucketed=None, symmetric=False):
+def _mined_total(d, batch, margin, slotted, fallback, bucketed=None, symmetric=False,
+                 points=None):
     """``sum over active terms of (d_ap - d_an + margin) = sum(C * d) + margin * n_active``.
 
     ``C`` and ``n_active`` come, without a memory, from ``slotted(d, batch, start, margin,
@@ -464,6 +482,10 @@ def _mined_total(d, batch, margin, slotted, fallback, bucketed=None, symmetric=F
     (:func:`dml_jax.losses._batch.self_distances`) instead of a second, transposed product.
     The ``"all"`` slotted path builds ``C^T`` entry by entry (column thresholds, a transposed
     scatter); the others transpose ``C`` (one strided ``[B, B]`` pass).
+
+    ``points``: ``(sq, rows, memory)`` of a single-device view with a memory (``d`` then a
+    constant, ``sqrt(sq)``): the miners give ``C / d`` and the sum is
+    :func:`~dml_jax.losses._batch.mined_distance_sum`'s, whose gradient reaches ``rows``.
     """
     const = jax.lax.stop_gradient(d)
     split = d.shape[1] - batch.memory.shape[0]  # the batch columns; the memory's after
@@ -472,7 +494,8 @@ def _mined_total(d, batch, margin, slotted, fallback, bucketed=None, symmetric=F
         runs, index = _windows.run_choice(  # len(sizes) -> the fallback
             batch.row_labels, batch.row_valid, batch.col_labels, batch.col_valid, split, sizes
         )
-        branches = [lambda d, b, runs, s=s: bucketed(d, b, margin, runs, s) for s in sizes]
+        branches = [lambda d, b, runs, s=s: bucketed(d, b, margin, runs, s, points is not None)
+                    for s in sizes]
         where_from = runs
     else:
         where_from = _windows.first_same_label(batch)  # the first positives
@@ -486,25 +509,29 @@ def _mined_total(d, batch, margin, slotted, fallback, bucketed=None, symmetric=F
 
     def fallback_branch(d, b, where_from):
         coef, active = _by_row_chunks(fallback, d, b, margin)
-        return _symmetrised(coef) if symmetric else coef, active
+        coef = _symmetrised(coef) if symmetric else coef
+        return (coef if points is None else _per_distance(coef, d)), active
 
     branches.append(fallback_branch)  # the last index
     coef, active = jax.lax.switch(index, branches, const, batch, where_from)
+    if points is not None:
+        return _batch.mined_distance_sum(coef, *points) + margin * active
     return jnp.sum(coef * d) + margin * active
 
 
-def _all_triplets(d, batch, margin, symmetric=False):
+def _all_triplets(d, batch, margin, symmetric=False, points=None):
     total = _mined_total(
-        d, batch, margin, _all_slotted, _all_sorted, _all_bucketed, symmetric=symmetric
+        d, batch, margin, _all_slotted, _all_sorted, _all_bucketed, symmetric=symmetric,
+        points=points,
     )
     num_triplets = jnp.sum(batch.pos_count * batch.neg_count)
     return total, num_triplets
 
 
-def _semi_hard(d, batch, margin, symmetric=False):
+def _semi_hard(d, batch, margin, symmetric=False, points=None):
     total = _mined_total(
         d, batch, margin, _semi_hard_slotted, _semi_hard_sorted, _semi_hard_bucketed,
-        symmetric=symmetric,
+        symmetric=symmetric, points=points,
     )
     count = jnp.sum(jnp.where(batch.neg_count > 0, batch.pos_count, 0.0))
     return total, count
@@ -657,15 +684,34 @@ def triplet_loss(
         embeddings, labels, where, axis_name, sort_by_label=mining != "batch_hard"
     )
     batch = with_memory(batch, memory, sort_by_label=mining != "batch_hard")
+    return triplet_of_view(batch, margin=margin, mining=mining, axis_name=axis_name)
+
+
+def triplet_of_view(batch: _batch.PairBatch, *, margin: float, mining: str,
+                    axis_name: str | None) -> jax.Array:
+    """:func:`triplet_loss` of a pair view (:func:`~dml_jax.losses._batch.pair_batch`, with a
+    memory appended or not): the distances, then :func:`triplet_from_distances`.
+
+    Without ``axis_name`` the columns are the rows: ``"all"`` and ``"semi_hard"`` then take a
+    symmetric cotangent (see :func:`_mined_total`), or, with a memory, their miners write the
+    coefficients over the distances and :func:`~dml_jax.losses._batch.mined_distance_sum`
+    sums them (no ``[b, B + M]`` pass for the value or for the distances' cotangent).
+    """
+    mined = mining != "batch_hard"
+    has_memory = batch.memory.shape[0] > 0
+    if mined and has_memory and axis_name is None:
+        rows, memory = batch.rows, batch.memory  # the columns are the rows
+        sq = jax.lax.stop_gradient(
+            _batch.augmented_squared_distances(rows, rows, memory)
+        )
+        total, count = MINERS[mining](distances.safe_sqrt(sq), batch, margin,
+                                      points=(sq, rows, memory))
+        return _batch.global_mean(total, count, axis_name)
     points = batch.cols
-    # The batch against itself (rows and columns in the same label order): "all" and
-    # "semi_hard" take a symmetric cotangent (see `_mined_total`); with a memory, their
-    # cotangent (the mined coefficients, a materialised array) gives the batch columns
-    # their gradient through the rows' products (`_batch.memory_distances`' "shared").
-    symmetric = axis_name is None and memory is None and mining != "batch_hard"
-    if batch.memory.shape[0]:
+    if has_memory:
         points = jnp.concatenate([points, batch.memory])
-    d = _batch.distances_of(batch, axis_name, symmetric=symmetric, shared=mining != "batch_hard")
+    symmetric = axis_name is None and not has_memory and mined
+    d = _batch.distances_of(batch, axis_name, symmetric=symmetric)
     return triplet_from_distances(
         d, batch, margin=margin, mining=mining, axis_name=axis_name,
         distance_to=gathered_distances(batch.rows, points), symmetric=symmetric,

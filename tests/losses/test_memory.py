@@ -274,16 +274,17 @@ def mined_triplet(x, y, state, where, *, as_plain_columns=False, sort_by_label=T
     """``triplet_loss`` without its jit cache (so patched branches are traced).
 
     ``as_plain_columns``: the miner is not told which columns are the memory's (its
-    ``[b, B + M]`` view is mined as plain columns), which sends it to the slotted paths: a
-    memory view otherwise always takes the bucketed one."""
+    ``[b, B + M]`` view is mined as plain columns, and summed as ``sum(C * d)``), which sends
+    it to the slotted paths: a memory view otherwise always takes the bucketed one."""
     from dml_jax.losses import _batch, triplet
     from dml_jax.losses.memory import with_memory
 
     batch = _batch.pair_batch(x, y, where, None, sort_by_label=sort_by_label)
     batch = with_memory(batch, state, sort_by_label=sort_by_label)
+    if not as_plain_columns:
+        return triplet.triplet_of_view(batch, axis_name=None, **kwargs)
     d = _batch.distances_of(batch, None)
-    if as_plain_columns:
-        batch = batch._replace(memory=batch.memory[:0])
+    batch = batch._replace(memory=batch.memory[:0])
     return triplet.triplet_from_distances(d, batch, axis_name=None, **kwargs)
 
 
