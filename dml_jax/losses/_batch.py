@@ -590,7 +590,8 @@ def _mined_distance_sum_fwd(k, sq, rows, memory):
     )
     row_sums = _row_sums(k_b) + m_sums[:, 0]
     # sum_ij k_ij |x_i - y_j|^2 = sum_i |x_i|^2 rowsum_i + sum_j |y_j|^2 colsum_j
-    # - 2 sum_i x_i . (k y)_i; over the batch block sum_i x_i . (k_b y)_i counts it twice.
+    # - 2 sum_i x_i . (k y)_i. The batch block's rowsum + colsum is k_b's row sum, and with
+    # k_b = K_B + K_B^T its cross term sum_i x_i . (k_b x)_i is already twice K_B's.
     value = (jnp.sum(jnp.sum(rows * rows, axis=1) * row_sums) + jnp.sum(m_sums[:, 1])
              - jnp.sum(rows * q_b) - 2.0 * jnp.sum(rows * q_m))
     return value, rows * row_sums[:, None] - q_b - q_m

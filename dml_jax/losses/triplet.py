@@ -467,7 +467,7 @@ def _by_row_chunks(fallback, d, batch, margin):
 
 
 def _mined_total(d, batch, margin, slotted, fallback, bucketed=None, symmetric=False,
-                 points=None):
+                 mined_sum=None):
     """``sum over active terms of (d_ap - d_an + margin) = sum(C * d) + margin * n_active``.
 
     ``C`` and ``n_active`` come, without a memory, from ``slotted(d, batch, start, margin,
@@ -483,9 +483,10 @@ def _mined_total(d, batch, margin, slotted, fallback, bucketed=None, symmetric=F
     The ``"all"`` slotted path builds ``C^T`` entry by entry (column thresholds, a transposed
     scatter); the others transpose ``C`` (one strided ``[B, B]`` pass).
 
-    ``points``: ``(sq, rows, memory)`` of a single-device view with a memory (``d`` then a
+    ``mined_sum``: ``(sq, rows, memory)`` of a single-device view with a memory (``d`` then a
     constant, ``sqrt(sq)``): the miners give ``C / d`` and the sum is
-    :func:`~dml_jax.losses._batch.mined_distance_sum`'s, whose gradient reaches ``rows``.
+    :func:`~dml_jax.losses._batch.mined_distance_sum`'s of those, whose gradient reaches
+    ``rows``.
     """
     const = jax.lax.stop_gradient(d)
     split = d.shape[1] - batch.memory.shape[0]  # the batch columns; the memory's after
@@ -494,7 +495,7 @@ def _mined_total(d, batch, margin, slotted, fallback, bucketed=None, symmetric=F
         runs, index = _windows.run_choice(  # len(sizes) -> the fallback
             batch.row_labels, batch.row_valid, batch.col_labels, batch.col_valid, split, sizes
         )
-        branches = [lambda d, b, runs, s=s: bucketed(d, b, margin, runs, s, points is not None)
+        branches = [lambda d, b, runs, s=s: bucketed(d, b, margin, runs, s, mined_sum is not None)
                     for s in sizes]
         where_from = runs
     else:
@@ -510,28 +511,28 @@ def _mined_total(d, batch, margin, slotted, fallback, bucketed=None, symmetric=F
     def fallback_branch(d, b, where_from):
         coef, active = _by_row_chunks(fallback, d, b, margin)
         coef = _symmetrised(coef) if symmetric else coef
-        return (coef if points is None else _per_distance(coef, d)), active
+        return (coef if mined_sum is None else _per_distance(coef, d)), active
 
     branches.append(fallback_branch)  # the last index
     coef, active = jax.lax.switch(index, branches, const, batch, where_from)
-    if points is not None:
-        return _batch.mined_distance_sum(coef, *points) + margin * active
+    if mined_sum is not None:
+        return _batch.mined_distance_sum(coef, *mined_sum) + margin * active
     return jnp.sum(coef * d) + margin * active
 
 
-def _all_triplets(d, batch, margin, symmetric=False, points=None):
+def _all_triplets(d, batch, margin, symmetric=False, mined_sum=None):
     total = _mined_total(
         d, batch, margin, _all_slotted, _all_sorted, _all_bucketed, symmetric=symmetric,
-        points=points,
+        mined_sum=mined_sum,
     )
     num_triplets = jnp.sum(batch.pos_count * batch.neg_count)
     return total, num_triplets
 
 
-def _semi_hard(d, batch, margin, symmetric=False, points=None):
+def _semi_hard(d, batch, margin, symmetric=False, mined_sum=None):
     total = _mined_total(
         d, batch, margin, _semi_hard_slotted, _semi_hard_sorted, _semi_hard_bucketed,
-        symmetric=symmetric, points=points,
+        symmetric=symmetric, mined_sum=mined_sum,
     )
     count = jnp.sum(jnp.where(batch.neg_count > 0, batch.pos_count, 0.0))
     return total, count
@@ -705,7 +706,7 @@ def triplet_of_view(batch: _batch.PairBatch, *, margin: float, mining: str,
             _batch.augmented_squared_distances(rows, rows, memory)
         )
         total, count = MINERS[mining](distances.safe_sqrt(sq), batch, margin,
-                                      points=(sq, rows, memory))
+                                      mined_sum=(sq, rows, memory))
         return _batch.global_mean(total, count, axis_name)
     points = batch.cols
     if has_memory:

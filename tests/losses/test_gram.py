@@ -212,9 +212,9 @@ def test_mined_distance_sum_against_autodiff(integer):
                           for f in (mined, plain))
     scale = float(jnp.sum(jnp.abs(c) * jnp.sqrt(jnp.maximum(  # sum |C| d: the value's scale
         _batch.augmented_squared_distances(x, x, memory), 0))))
-    # float32 rounding of the distances' expansion: measured <= 5e-8 of sum |C| d
-    np.testing.assert_allclose(v1, v2, atol=1e-6 * scale)
-    np.testing.assert_allclose(jax.jit(mined)(x, memory), v2, atol=1e-6 * scale)
+    # float32 rounding of the distances' expansion: measured <= 4.5e-8 of sum |C| d
+    np.testing.assert_allclose(v1, v2, atol=3e-7 * scale)
+    np.testing.assert_allclose(jax.jit(mined)(x, memory), v2, atol=3e-7 * scale)
     assert np.all(np.isfinite(g1[0])) and np.abs(np.asarray(g2[0])).max() > 0.1
     np.testing.assert_allclose(g1[0], g2[0], rtol=1e-6,
                                atol=1e-6 * np.abs(np.asarray(g2[0])).max())
