@@ -479,18 +479,6 @@ def self_distances(x: jax.Array, squared: bool = False) -> jax.Array:
 self_distances.defvjp(_self_distances_fwd, _self_distances_bwd)
 
 
-# How the batch columns of a ``[b, B + M]`` view get their gradient (see
-# :func:`memory_distances`).
-MEMORY_BLOCKS = ("apart", "symmetric")
-
-
-def memory_block(axis_name: str | None, symmetric: bool) -> str:
-    """The :data:`MEMORY_BLOCKS` mode of a view with a memory: ``"symmetric"`` without
-    ``axis_name`` when the loss vouches for a symmetric cotangent of the batch block, else
-    ``"apart"`` (under ``axis_name`` the columns are the gathered batch, not the rows)."""
-    return "symmetric" if symmetric and axis_name is None else "apart"
-
-
 def augmented_squared_distances(rows: jax.Array, *cols: jax.Array) -> jax.Array:
     """``|x_i - y_j|^2`` of the rows ``[b, D]`` to the columns, the blocks ``cols`` (each
     ``[W_k, D]``) stacked, float32 ``[b, sum W_k]`` (not clamped: rounding may leave it
@@ -510,14 +498,13 @@ def augmented_squared_distances(rows: jax.Array, *cols: jax.Array) -> jax.Array:
     return distances.dot_products(rows_aug, cols_aug)
 
 
-def _memory_distances_fwd(rows, cols, memory, squared, block):
-    _checks.check_choice(block, "block", MEMORY_BLOCKS)
+def _memory_distances_fwd(rows, cols, memory, squared, symmetric):
     sq = augmented_squared_distances(rows, cols, memory)
     d = jnp.maximum(sq, 0.0) if squared else distances.safe_sqrt(sq)  # safe_sqrt: 0 for sq <= 0
     return d, (rows, cols, memory, d)
 
 
-def _memory_distances_bwd(squared, block, residuals, s):
+def _memory_distances_bwd(squared, symmetric, residuals, s):
     # d_ij = |x_i - y_j|: dx_i = sum_j t_ij (x_i - y_j), and for a batch column y_j
     # dy_j = sum_i t_ij (y_j - x_i), with t as in `_distance_cotangent`: the row and column
     # sums of t times the points, minus the Gram matrix's gradient for the cotangent t.
@@ -526,8 +513,8 @@ def _memory_distances_bwd(squared, block, residuals, s):
     hi = jax.lax.Precision.HIGHEST
     every = jnp.concatenate([cols, memory])
     t, scale = _distance_cotangent(s, d, squared)
-    if block == "symmetric":  # the columns are the rows and t's batch block is symmetric:
-        # the columns' part equals the rows' part of that block, twice
+    if symmetric:  # the columns are the rows and t's batch block is symmetric: the columns'
+        # part equals the rows' part of that block, so the block counts twice in one product
         factor = jnp.concatenate([jnp.full((batch,), 2.0), jnp.ones((d.shape[1] - batch,))])
         t = t * factor[None, :]
         g_rows = jnp.matmul(t, every, precision=hi)
@@ -541,7 +528,7 @@ def _memory_distances_bwd(squared, block, residuals, s):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def memory_distances(
     rows: jax.Array, cols: jax.Array, memory: jax.Array, squared: bool = False,
-    block: str = "apart",
+    symmetric: bool = False,
 ) -> jax.Array:
     """Euclidean distances (``squared``: squared, clamped at 0) of the rows ``[b, D]`` to the
     batch columns ``[B, D]`` and the constant memory rows ``[M, D]``, float32 ``[b, B + M]``,
@@ -555,23 +542,19 @@ def memory_distances(
     also form the whole ``[B + M, D]`` product ``T^T @ rows`` and pass over ``[b, B + M]``
     once more for the Gram matrix's cotangent.
 
-    ``block`` (static, one of :data:`MEMORY_BLOCKS`; :func:`memory_block` picks it):
-
-    * ``"apart"``: the batch columns' gradient as above, a product of its own (``cols`` may
-      be any array: the gathered batch under ``axis_name``).
-    * ``"symmetric"``: ``cols`` is ``rows`` (the batch against itself, no ``axis_name``) and
-      the caller vouches that the cotangent's batch block ``S[:, :B]`` is symmetric (a loss
-      summing one symmetric function over ordered pairs with symmetric masks, as the
-      contrastive loss does). The columns' gradient then equals the rows' share of that
-      block, and the whole gradient is the one product of the floor, ``x * rowsum(T') - T'
-      @ [cols; memory]`` with ``T' = [2 T_B, T_M]`` (the doubling fused into the cotangent's
-      pass); it goes to ``rows``, and ``cols`` gets zeros.
-
-    (The batch block of the augmented product is symmetric to rounding, not bit for bit: for
-    ``"symmetric"`` the error is of the order of that rounding.) The triplet miners, whose
-    cotangent is a materialised array, take :func:`mined_distance_sum` instead.
+    ``symmetric`` (static): ``cols`` is ``rows`` (the batch against itself, no ``axis_name``)
+    and the caller vouches that the cotangent's batch block ``S[:, :B]`` is symmetric (a loss
+    summing one symmetric function over ordered pairs with symmetric masks, as the
+    contrastive loss does). The batch columns' gradient then equals the rows' share of that
+    block, and the whole gradient is the one product of the floor, ``x * rowsum(T') - T' @
+    [cols; memory]`` with ``T' = [2 T_B, T_M]`` (the doubling fused into the cotangent's
+    pass); it goes to ``rows``, and ``cols`` gets zeros. (The batch block of the augmented
+    product is symmetric to rounding, not bit for bit: the error is of the order of that
+    rounding.) Otherwise ``cols`` may be any array (the gathered batch under
+    ``axis_name``). The triplet miners, whose cotangent is a materialised array, take
+    :func:`mined_distance_sum` instead.
     """
-    return _memory_distances_fwd(rows, cols, memory, squared, block)[0]
+    return _memory_distances_fwd(rows, cols, memory, squared, symmetric)[0]
 
 
 memory_distances.defvjp(_memory_distances_fwd, _memory_distances_bwd)
@@ -631,8 +614,7 @@ def _memory_distances_of(batch, axis_name, normalize, squared, symmetric=False):
     rows, cols = points(batch, axis_name, normalize=normalize)
     memory = distances.l2_normalize(batch.memory) if normalize else batch.memory
     return memory_distances(
-        rows, cols, jax.lax.stop_gradient(memory), squared,
-        memory_block(axis_name, symmetric),
+        rows, cols, jax.lax.stop_gradient(memory), squared, symmetric and axis_name is None
     )
 
 
@@ -643,8 +625,8 @@ def distances_of(
     gradient at 0, see :func:`dml_jax.distances.safe_sqrt`). ``symmetric``: the loss's
     cotangent of the ``[B, B]`` block is symmetric (see :func:`self_gram`); without
     ``axis_name`` and memory the distances then come from :func:`self_distances`. With a
-    memory they come from :func:`memory_distances`, with its one-product gradient when
-    ``symmetric`` and no ``axis_name`` (see :func:`memory_block`)."""
+    memory they come from :func:`memory_distances` (its one-product gradient when
+    ``symmetric`` and no ``axis_name``)."""
     if symmetric and axis_name is None and not batch.memory.shape[0]:
         return self_distances(points(batch, None)[0], False)
     if batch.memory.shape[0]:

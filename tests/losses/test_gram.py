@@ -135,11 +135,10 @@ def test_memory_blocks_against_autodiff(squared, shared):
 
 @pytest.mark.parametrize("squared", [False, True])
 def test_memory_distances_symmetric_batch_block_against_autodiff(squared):
-    """With ``block="symmetric"`` (the columns are the rows, and the cotangent's batch block
-    is symmetric, as the contrastive loss's) ``memory_distances`` folds the columns' gradient
-    into the rows' products: the points get autodiff's gradient of the plain computation,
-    through both the rows and the columns (a zero row and a memory row equal to a batch
-    row)."""
+    """With ``symmetric`` (the columns are the rows, and the cotangent's batch block is
+    symmetric, as the contrastive loss's) ``memory_distances`` folds the columns' gradient
+    into one product: the points get autodiff's gradient of the plain computation, through
+    both the rows and the columns (a zero row and a memory row equal to a batch row)."""
     rng = np.random.default_rng(7)
     x = rng.integers(-3, 4, size=(10, 5)).astype(np.float32)
     x[4] = 0.0
@@ -159,7 +158,7 @@ def test_memory_distances_symmetric_batch_block_against_autodiff(squared):
         return jnp.sum(w * (sq if squared else distances.safe_sqrt(sq)))
 
     def custom(x):
-        return jnp.sum(w * _batch.memory_distances(x, x, memory, squared, "symmetric"))
+        return jnp.sum(w * _batch.memory_distances(x, x, memory, squared, True))
 
     (v1, g1), (v2, g2) = jax.value_and_grad(custom)(x), jax.value_and_grad(plain)(x)
     np.testing.assert_allclose(v1, v2, rtol=1e-5)

@@ -226,9 +226,9 @@ def test_the_loss_and_update_are_jittable_and_vmappable(mining):
     expected = [fn(x, state) for x in (e, 1.5 * e)]
     batched = jax.vmap(fn)(jnp.stack([e, 1.5 * e]), jax.tree.map(lambda a: jnp.stack([a, a]),
                                                                   state))
-    for k in range(2):
+    for k in range(2):  # measured: bit-identical
         np.testing.assert_allclose(batched[0][k], expected[k][0], rtol=1e-6)
-        np.testing.assert_allclose(batched[1][k], expected[k][1], rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(batched[1][k], expected[k][1], rtol=1e-6, atol=1e-9)
     assert float(expected[0][0]) != float(expected[1][0])
     updated = jax.jit(losses.xbm_update)(state, e, y, where=where)
     assert int(updated.next) == (int(state.next) + int(where.sum())) % 10
