@@ -73,6 +73,7 @@ DistanceTo = Callable[[jax.Array], jax.Array]
 # Thresholds compared per fused reduction in `_count_below` (XLA's CPU reductions over a
 # short minor axis of booleans vectorise; wider ones, or float sums, are many times slower).
 _COMPARE_CHUNK = 32
+_BUCKET_COPIES = 4
 # The slotted miners' reductions over an anchor's columns (see `_per_slot`): lanes per chunk,
 # and columns per block (at most _COLUMN_CHUNK chunks).
 _COLUMN_CHUNK = 32
@@ -320,12 +321,21 @@ def _row_scatter(table: jax.Array, index: jax.Array, values: jax.Array) -> jax.A
 
 def _row_buckets(op, values, buckets, width, init):
     """``out[a, k] = op over n with buckets[a, n] == k of values[a, n]``: ``[b, width]``
-    (``init`` where none). One flat scatter (faster on CPU than a two-index one)."""
-    rows = values.shape[0]
-    flat = _flat_index(buckets, width).reshape(-1)
-    out = jnp.full((rows * width,), init, values.dtype)
+    (``init`` where none). One flat scatter (faster on CPU than a two-index one) into
+    :data:`_BUCKET_COPIES` interleaved copies of each row's table (column ``n`` updates copy
+    ``n % copies``), combined after: XLA's CPU scatter updates one entry after the other, and
+    when neighbouring columns fall in the same bucket (every negative in bucket 0 when all are
+    active) each update waits for the previous one's store; spread over the copies,
+    consecutive updates are independent (30 -> 21 ms at ``[1024, 9216]`` into 129 buckets
+    with one bucket taking 90-100% of the entries, on a Xeon; the same for random buckets)."""
+    rows, cols = values.shape
+    copies = _BUCKET_COPIES
+    copy = (jnp.arange(cols, dtype=jnp.int32) % copies)[None, :]
+    flat = _flat_index(buckets + width * copy, copies * width).reshape(-1)
+    out = jnp.full((rows * copies * width,), init, values.dtype)
     out = getattr(out.at[flat], op)(values.reshape(-1), mode="promise_in_bounds")
-    return out.reshape(rows, width)
+    combine = jnp.sum if op == "add" else getattr(jnp, op)
+    return combine(out.reshape(rows, copies, width), axis=1)
 
 
 def _pack_runs(d, batch, runs, slots):
