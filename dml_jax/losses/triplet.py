@@ -73,6 +73,7 @@ DistanceTo = Callable[[jax.Array], jax.Array]
 # Thresholds compared per fused reduction in `_count_below` (XLA's CPU reductions over a
 # short minor axis of booleans vectorise; wider ones, or float sums, are many times slower).
 _COMPARE_CHUNK = 32
+# Interleaved copies of each row's table in the per-row bucket scatters (see `_row_buckets`).
 _BUCKET_COPIES = 4
 # The slotted miners' reductions over an anchor's columns (see `_per_slot`): lanes per chunk,
 # and columns per block (at most _COLUMN_CHUNK chunks).
@@ -334,7 +335,7 @@ def _row_buckets(op, values, buckets, width, init):
     flat = _flat_index(buckets + width * copy, copies * width).reshape(-1)
     out = jnp.full((rows * copies * width,), init, values.dtype)
     out = getattr(out.at[flat], op)(values.reshape(-1), mode="promise_in_bounds")
-    combine = jnp.sum if op == "add" else getattr(jnp, op)
+    combine = {"add": jnp.sum, "min": jnp.min}[op]
     return combine(out.reshape(rows, copies, width), axis=1)
 
 

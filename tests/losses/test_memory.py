@@ -402,6 +402,35 @@ def test_count_below_compares_only_the_chunks_with_finite_values(width, finite, 
     np.testing.assert_array_equal(np.asarray(count), expected)
 
 
+@pytest.mark.parametrize("op,init", [("add", 0), ("min", np.inf)])
+@pytest.mark.parametrize("columns", [50, 53])
+def test_row_buckets_combine_the_interleaved_copies(op, init, columns):
+    # The bucketed miners' per-row scatters write into interleaved copies of each row's table
+    # (column n into copy n % copies) and combine them: the result is the plain per-row
+    # bucket reduction, with runs of one bucket (as when every negative is active), empty
+    # buckets at `init`, and a column count that is no multiple of the copies.
+    from dml_jax.losses import triplet
+
+    rng = np.random.default_rng(columns)
+    rows, width = 5, 7
+    buckets = rng.integers(0, width - 1, size=(rows, columns)).astype(np.int32)  # last empty
+    buckets[0] = 2
+    buckets[1, 10:40] = 0
+    if op == "add":
+        values = rng.integers(0, 2, size=(rows, columns)).astype(np.int32)
+    else:
+        values = rng.integers(0, 20, size=(rows, columns)).astype(np.float32) / 4
+    out = jax.jit(triplet._row_buckets, static_argnums=(0, 3, 4))(
+        op, jnp.asarray(values), jnp.asarray(buckets), width, init)
+    expected = np.full((rows, width), init, values.dtype)
+    for a in range(rows):
+        for n in range(columns):
+            k = buckets[a, n]
+            expected[a, k] = (expected[a, k] + values[a, n] if op == "add"
+                              else min(expected[a, k], values[a, n]))
+    np.testing.assert_array_equal(np.asarray(out), expected)
+
+
 @pytest.mark.parametrize("width", [32, 128, 512])
 def test_stable_order_is_a_stable_argsort(width):
     # The bucketed triplet miners sort their positive slots by counting predecessors; ties
