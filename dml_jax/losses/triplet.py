@@ -253,8 +253,10 @@ def _semi_hard_sorted(d, batch, margin):
     return _windows.add_at_columns(active, neg_cols, -active), jnp.sum(active)
 
 
-def _count_below(sorted_vals, d, strict):
-    """``#{j : sorted_vals[a, j] < d[a, n]}`` (``<=`` unless ``strict``), int32 ``[b, W]``.
+def _count_below(sorted_vals, d, strict, start=None):
+    """``#{j : sorted_vals[a, j] < d[a, n]}`` (``<=`` unless ``strict``), int32 ``[b, W]``,
+    plus ``start`` (int32 ``[b, W]``) when given: the counts' loop then ends with them
+    added (:func:`_bucket_index`'s offsets, so that its result is a scatter's index).
 
     Compares against every value in chunks of ``_COMPARE_CHUNK``: on XLA's CPU backend this is
     several times faster than a row-wise binary search (gathers) for a few hundred values.
@@ -278,7 +280,8 @@ def _count_below(sorted_vals, d, strict):
 
     finite = jnp.max(jnp.sum(sorted_vals < jnp.inf, axis=1, dtype=jnp.int32))
     chunks = (finite + _COMPARE_CHUNK - 1) // _COMPARE_CHUNK
-    return jax.lax.fori_loop(1, chunks, add_chunk, count(padded[:, :_COMPARE_CHUNK]))
+    first = count(padded[:, :_COMPARE_CHUNK])
+    return jax.lax.fori_loop(1, chunks, add_chunk, first if start is None else first + start)
 
 
 def _chunked_count(width: int, counted: Callable[[int, int], jax.Array]) -> jax.Array:
@@ -320,23 +323,39 @@ def _row_scatter(table: jax.Array, index: jax.Array, values: jax.Array) -> jax.A
     ).reshape(rows, size)
 
 
-def _row_buckets(op, values, buckets, width, init):
-    """``out[a, k] = op over n with buckets[a, n] == k of values[a, n]``: ``[b, width]``
-    (``init`` where none). One flat scatter (faster on CPU than a two-index one) into
-    :data:`_BUCKET_COPIES` interleaved copies of each row's table (column ``n`` updates copy
-    ``n % copies``), combined after: XLA's CPU scatter updates one entry after the other, and
-    when neighbouring columns fall in the same bucket (every negative in bucket 0 when all are
-    active) each update waits for the previous one's store; spread over the copies,
-    consecutive updates are independent (30 -> 21 ms at ``[1024, 9216]`` into 129 buckets
-    with one bucket taking 90-100% of the entries, on a Xeon; the same for random buckets)."""
-    rows, cols = values.shape
-    copies = _BUCKET_COPIES
-    copy = (jnp.arange(cols, dtype=jnp.int32) % copies)[None, :]
-    flat = _flat_index(buckets + width * copy, copies * width).reshape(-1)
-    out = jnp.full((rows * copies * width,), init, values.dtype)
-    out = getattr(out.at[flat], op)(values.reshape(-1), mode="promise_in_bounds")
+def _bucket_offsets(shape: tuple[int, int], width: int) -> jax.Array:
+    """Where entry ``[a, n]`` of a ``[b, W]`` array finds its row's bucket 0 in
+    :func:`_row_buckets`' flat tables: ``a * copies * width + (n % copies) * width``, int32
+    ``[b, W]`` (an expression of indices, fused into its consumers)."""
+    rows, cols = shape
+    row = jnp.arange(rows, dtype=jnp.int32)[:, None] * (_BUCKET_COPIES * width)
+    return row + (jnp.arange(cols, dtype=jnp.int32) % _BUCKET_COPIES)[None, :] * width
+
+
+def _row_buckets(op, values, index, width, init):
+    """``out[a, k] = op over n with bucket[a, n] == k of values[a, n]``: ``[b, width]``
+    (``init`` where none), for ``index = bucket + _bucket_offsets(...)`` int32 ``[b, W]``
+    (the miners' counts end with the offsets added, so the index array is the counts' own
+    buffer: computing it after the counts wrote another ``[b, W]`` array, 2 ms at ``[1024,
+    9216]``). One flat ``lax`` scatter (``jnp``'s indexing adds a select for negative indices,
+    which XLA fused into a copy of the index) into :data:`_BUCKET_COPIES` interleaved copies
+    of each row's table (column ``n`` updates copy ``n % copies``), combined after: XLA's CPU
+    scatter updates one entry after the other, and when neighbouring columns fall in the same
+    bucket (every negative in bucket 0 when all are active) each update waits for the
+    previous one's store; spread over the copies, consecutive updates are independent (30 ->
+    21 ms at ``[1024, 9216]`` into 129 buckets with one bucket taking 90-100% of the entries,
+    on a Xeon; the same for random buckets)."""
+    rows = values.shape[0]
+    numbers = jax.lax.ScatterDimensionNumbers(
+        update_window_dims=(), inserted_window_dims=(0,), scatter_dims_to_operand_dims=(0,)
+    )
+    scatter = {"add": jax.lax.scatter_add, "min": jax.lax.scatter_min}[op]
+    out = scatter(
+        jnp.full((rows * _BUCKET_COPIES * width,), init, values.dtype), index.reshape(-1, 1),
+        values.reshape(-1), numbers, mode=jax.lax.GatherScatterMode.PROMISE_IN_BOUNDS,
+    )
     combine = {"add": jnp.sum, "min": jnp.min}[op]
-    return combine(out.reshape(rows, copies, width), axis=1)
+    return combine(out.reshape(rows, _BUCKET_COPIES, width), axis=1)
 
 
 def _pack_runs(d, batch, runs, slots):
@@ -393,11 +412,13 @@ def _all_bucketed(d, batch, margin, runs, slots, per_distance=False):
     coefficient pass), as :func:`~dml_jax.losses._batch.mined_distance_sum` takes them."""
     d_ap, filled, cols = _pack_runs(d, batch, runs, slots)
     threshold = jnp.where(filled, d_ap + margin, jnp.inf)  # sorted: d_ap is, inf last
-    below = _count_below(threshold, d, strict=False)  # #thresholds <= d_an: inactive ones
+    offsets = _bucket_offsets(d.shape, slots + 1)
+    index = _count_below(threshold, d, strict=False, start=offsets)
+    below = index - offsets  # #thresholds <= d_an: inactive ones
     count = jnp.sum(filled, axis=1, keepdims=True, dtype=jnp.int32)
     per_negative = jnp.where(batch.neg, count - below, 0).astype(jnp.float32)
     # Negative n is active with the j-th smallest threshold iff below[n] <= j.
-    hist = _row_buckets("add", batch.neg.astype(jnp.int32), below, slots + 1, 0)
+    hist = _row_buckets("add", batch.neg.astype(jnp.int32), index, slots + 1, 0)
     per_positive = jnp.where(filled, jnp.cumsum(hist, axis=1)[:, :slots], 0)
     per_positive = per_positive.astype(jnp.float32)
     # The positives' entries of -per_negative are 0: the sorted slots are added there, where
@@ -417,9 +438,11 @@ def _semi_hard_bucketed(d, batch, margin, runs, slots, per_distance=False):
     it. Ties as :func:`_semi_hard_slotted`. ``O(b S W)`` comparisons, two ``[b, W]``
     scatters and two ``[b, W]`` gathers. ``per_distance``: as :func:`_all_bucketed`."""
     d_ap, filled, cols = _pack_runs(d, batch, runs, slots)
-    bucket = _count_below(d_ap, d, strict=True)  # #positives with d_ap < d_an, in [0, S]
+    offsets = _bucket_offsets(d.shape, slots + 1)
+    index = _count_below(d_ap, d, strict=True, start=offsets)
+    bucket = index - offsets  # #positives with d_ap < d_an, in [0, S]
     neg_d = jnp.where(batch.neg, d, jnp.inf)
-    bucket_min = _row_buckets("min", neg_d, bucket, slots + 1, jnp.inf)  # [b, S + 1]
+    bucket_min = _row_buckets("min", neg_d, index, slots + 1, jnp.inf)  # [b, S + 1]
     # Negative n is harder than the j-th closest positive iff bucket[n] > j.
     closest = jax.lax.cummin(bucket_min, axis=1, reverse=True)[:, 1:]  # [b, S]
     found = jnp.isfinite(closest)
@@ -430,7 +453,7 @@ def _semi_hard_bucketed(d, batch, margin, runs, slots, per_distance=False):
     # The chosen negatives by value, as in `_semi_hard_slotted`: a closest value is its
     # bucket's minimum, and every negative tied with it lies in that bucket.
     is_min = batch.neg & (d == _row_gather(bucket_min, bucket))  # [b, W]
-    ties = _row_buckets("add", is_min.astype(jnp.int32), bucket, slots + 1, 0)
+    ties = _row_buckets("add", is_min.astype(jnp.int32), index, slots + 1, 0)
     target = jnp.where(found, _searchsorted_rows(d_ap, closest, side="left"), slots)
     w_close = jnp.where(active & found, 1.0, 0.0) / jnp.maximum(
         jnp.take_along_axis(ties, target, axis=1), 1

@@ -380,13 +380,16 @@ def test_a_nonfinite_memory_row_gives_a_nan_triplet_loss_on_the_bucketed_path(mi
     assert np.isnan(losses.triplet_loss(e, y, where=where, memory=bad, mining=mining))
 
 
+@pytest.mark.parametrize("with_start", [False, True])
 @pytest.mark.parametrize("strict", [True, False])
 @pytest.mark.parametrize("width,finite", [(128, 0), (128, 5), (128, 33), (128, 96),
                                           (128, 128), (20, 20), (100, 70), (100, 100)])
-def test_count_below_compares_only_the_chunks_with_finite_values(width, finite, strict):
+def test_count_below_compares_only_the_chunks_with_finite_values(width, finite, strict,
+                                                                 with_start):
     # The bucketed miners count, per entry of d, the sorted slot values below it; the chunks
     # of slots that are +inf in every row are skipped (a loop of run-time length), and a
-    # width that is no multiple of the chunk is padded with +inf.
+    # width that is no multiple of the chunk is padded with +inf. With `start` (the bucket
+    # scatters' offsets) the counts come out with it added.
     from dml_jax.losses import triplet
 
     rng = np.random.default_rng(finite)
@@ -395,10 +398,14 @@ def test_count_below_compares_only_the_chunks_with_finite_values(width, finite, 
         values[row, :n] = np.sort(rng.integers(0, 9, size=n) / 4)  # repeated values: ties
     d = (rng.integers(0, 10, size=(6, 50)) / 4).astype(np.float32)
     d[0, :3] = [0.0, 2.0, 9.0]
+    start = rng.integers(0, 1000, size=d.shape).astype(np.int32) if with_start else None
     count = jax.jit(triplet._count_below, static_argnums=2)(
-        jnp.asarray(values), jnp.asarray(d), strict)
+        jnp.asarray(values), jnp.asarray(d), strict,
+        None if start is None else jnp.asarray(start))
     below = np.less if strict else np.less_equal
     expected = below(values[:, None, :], d[:, :, None]).sum(axis=2)
+    if with_start:
+        expected = expected + start
     np.testing.assert_array_equal(np.asarray(count), expected)
 
 
@@ -406,9 +413,10 @@ def test_count_below_compares_only_the_chunks_with_finite_values(width, finite, 
 @pytest.mark.parametrize("columns", [50, 53])
 def test_row_buckets_combine_the_interleaved_copies(op, init, columns):
     # The bucketed miners' per-row scatters write into interleaved copies of each row's table
-    # (column n into copy n % copies) and combine them: the result is the plain per-row
-    # bucket reduction, with runs of one bucket (as when every negative is active), empty
-    # buckets at `init`, and a column count that is no multiple of the copies.
+    # (column n into copy n % copies, at the flat index bucket + _bucket_offsets) and combine
+    # them: the result is the plain per-row bucket reduction, with runs of one bucket (as when
+    # every negative is active), empty buckets at `init`, and a column count that is no
+    # multiple of the copies.
     from dml_jax.losses import triplet
 
     rng = np.random.default_rng(columns)
@@ -420,8 +428,9 @@ def test_row_buckets_combine_the_interleaved_copies(op, init, columns):
         values = rng.integers(0, 2, size=(rows, columns)).astype(np.int32)
     else:
         values = rng.integers(0, 20, size=(rows, columns)).astype(np.float32) / 4
+    index = jnp.asarray(buckets) + triplet._bucket_offsets(buckets.shape, width)
     out = jax.jit(triplet._row_buckets, static_argnums=(0, 3, 4))(
-        op, jnp.asarray(values), jnp.asarray(buckets), width, init)
+        op, jnp.asarray(values), index, width, init)
     expected = np.full((rows, width), init, values.dtype)
     for a in range(rows):
         for n in range(columns):
