@@ -256,7 +256,7 @@ def _semi_hard_sorted(d, batch, margin):
 def _count_below(sorted_vals, d, strict, start=None):
     """``#{j : sorted_vals[a, j] < d[a, n]}`` (``<=`` unless ``strict``), int32 ``[b, W]``,
     plus ``start`` (int32 ``[b, W]``) when given: the counts' loop then ends with them
-    added (:func:`_bucket_index`'s offsets, so that its result is a scatter's index).
+    added (:func:`_bucket_offsets`, so that its result is a scatter's index).
 
     Compares against every value in chunks of ``_COMPARE_CHUNK``: on XLA's CPU backend this is
     several times faster than a row-wise binary search (gathers) for a few hundred values.
@@ -330,6 +330,16 @@ def _bucket_offsets(shape: tuple[int, int], width: int) -> jax.Array:
     rows, cols = shape
     row = jnp.arange(rows, dtype=jnp.int32)[:, None] * (_BUCKET_COPIES * width)
     return row + (jnp.arange(cols, dtype=jnp.int32) % _BUCKET_COPIES)[None, :] * width
+
+
+def _counted_buckets(sorted_vals, d, strict):
+    """Each entry's :func:`_count_below` count as its bucket among ``S + 1`` (``sorted_vals``
+    ``[b, S]``), and that bucket's index into :func:`_row_buckets`' tables: ``(bucket,
+    index)``, int32 ``[b, W]`` each (``index`` the counts' own buffer, ``bucket`` an
+    expression of it)."""
+    offsets = _bucket_offsets(d.shape, sorted_vals.shape[1] + 1)
+    index = _count_below(sorted_vals, d, strict, start=offsets)
+    return index - offsets, index
 
 
 def _row_buckets(op, values, index, width, init):
@@ -412,9 +422,8 @@ def _all_bucketed(d, batch, margin, runs, slots, per_distance=False):
     coefficient pass), as :func:`~dml_jax.losses._batch.mined_distance_sum` takes them."""
     d_ap, filled, cols = _pack_runs(d, batch, runs, slots)
     threshold = jnp.where(filled, d_ap + margin, jnp.inf)  # sorted: d_ap is, inf last
-    offsets = _bucket_offsets(d.shape, slots + 1)
-    index = _count_below(threshold, d, strict=False, start=offsets)
-    below = index - offsets  # #thresholds <= d_an: inactive ones
+    # below: #thresholds <= d_an, the inactive ones
+    below, index = _counted_buckets(threshold, d, strict=False)
     count = jnp.sum(filled, axis=1, keepdims=True, dtype=jnp.int32)
     per_negative = jnp.where(batch.neg, count - below, 0).astype(jnp.float32)
     # Negative n is active with the j-th smallest threshold iff below[n] <= j.
@@ -438,9 +447,7 @@ def _semi_hard_bucketed(d, batch, margin, runs, slots, per_distance=False):
     it. Ties as :func:`_semi_hard_slotted`. ``O(b S W)`` comparisons, two ``[b, W]``
     scatters and two ``[b, W]`` gathers. ``per_distance``: as :func:`_all_bucketed`."""
     d_ap, filled, cols = _pack_runs(d, batch, runs, slots)
-    offsets = _bucket_offsets(d.shape, slots + 1)
-    index = _count_below(d_ap, d, strict=True, start=offsets)
-    bucket = index - offsets  # #positives with d_ap < d_an, in [0, S]
+    bucket, index = _counted_buckets(d_ap, d, strict=True)  # #positives with d_ap < d_an
     neg_d = jnp.where(batch.neg, d, jnp.inf)
     bucket_min = _row_buckets("min", neg_d, index, slots + 1, jnp.inf)  # [b, S + 1]
     # Negative n is harder than the j-th closest positive iff bucket[n] > j.
