@@ -429,6 +429,13 @@ def _row_sums(t: jax.Array) -> jax.Array:
     return jnp.matmul(t, jnp.ones((t.shape[1],), t.dtype), precision=jax.lax.Precision.HIGHEST)
 
 
+def over_distances(s: jax.Array, d: jax.Array) -> jax.Array:
+    """``s / d`` where ``d > 0``, else 0 (as :func:`dml_jax.distances.safe_sqrt`'s gradient):
+    a cotangent of the distances ``d`` as one of their squares' expansion."""
+    positive = d > 0
+    return jnp.where(positive, s / jnp.where(positive, d, 1.0), 0.0)
+
+
 def _distance_cotangent(s: jax.Array, d: jax.Array, squared: bool) -> tuple[jax.Array, float]:
     """``(T, c)`` with ``dL/dx_i = c sum_j T_ij (x_i - y_j)`` (``x_i``'s part as a row) from the
     cotangent ``s`` of the distances ``d``: ``T = s / d`` (0 where ``d = 0``, as
@@ -438,8 +445,7 @@ def _distance_cotangent(s: jax.Array, d: jax.Array, squared: bool) -> tuple[jax.
     values bit for bit, as scaling by 2 is exact)."""
     if squared:
         return s, 2.0
-    positive = d > 0
-    return jnp.where(positive, s / jnp.where(positive, d, 1.0), 0.0), 1.0
+    return over_distances(s, d), 1.0
 
 
 def _self_distances_fwd(x: jax.Array, squared: bool):

@@ -327,9 +327,8 @@ def _bucket_offsets(shape: tuple[int, int], width: int) -> jax.Array:
     """Where entry ``[a, n]`` of a ``[b, W]`` array finds its row's bucket 0 in
     :func:`_row_buckets`' flat tables: ``a * copies * width + (n % copies) * width``, int32
     ``[b, W]`` (an expression of indices, fused into its consumers)."""
-    rows, cols = shape
-    row = jnp.arange(rows, dtype=jnp.int32)[:, None] * (_BUCKET_COPIES * width)
-    return row + (jnp.arange(cols, dtype=jnp.int32) % _BUCKET_COPIES)[None, :] * width
+    copy = (jnp.arange(shape[1], dtype=jnp.int32) % _BUCKET_COPIES) * width
+    return _flat_index(jnp.broadcast_to(copy, shape), _BUCKET_COPIES * width)
 
 
 def _counted_buckets(sorted_vals, d, strict):
@@ -409,17 +408,13 @@ def _stable_order(values: jax.Array) -> jax.Array:
                         jnp.broadcast_to(index, (rows, n)))
 
 
-def _per_distance(c: jax.Array, d: jax.Array) -> jax.Array:
-    """``c / d`` where ``d > 0``, else 0 (as :func:`dml_jax.distances.safe_sqrt`'s gradient)."""
-    return jnp.where(d > 0, c / jnp.where(d > 0, d, 1.0), 0.0)
-
-
 def _all_bucketed(d, batch, margin, runs, slots, per_distance=False):
     """``"all"`` with an anchor's positives sorted in ``slots`` slots: each negative's count
     of active thresholds by comparison, each positive's count of active negatives from a
     per-row histogram of those counts. ``O(b S W)`` comparisons, one ``[b, W]`` scatter.
-    ``per_distance``: the coefficients divided by the distances (:func:`_per_distance`, in the
-    coefficient pass), as :func:`~dml_jax.losses._batch.mined_distance_sum` takes them."""
+    ``per_distance``: the coefficients divided by the distances
+    (:func:`~dml_jax.losses._batch.over_distances`, in the coefficient pass), as
+    :func:`~dml_jax.losses._batch.mined_distance_sum` takes them."""
     d_ap, filled, cols = _pack_runs(d, batch, runs, slots)
     threshold = jnp.where(filled, d_ap + margin, jnp.inf)  # sorted: d_ap is, inf last
     # below: #thresholds <= d_an, the inactive ones
@@ -434,8 +429,8 @@ def _all_bucketed(d, batch, margin, runs, slots, per_distance=False):
     # gathering each entry's value from its offset in its run cost the pass a gather.
     n_active = jnp.sum(per_positive)
     if per_distance:
-        per_negative, per_positive = _per_distance(per_negative, d), _per_distance(per_positive,
-                                                                                   d_ap)
+        per_negative = _batch.over_distances(per_negative, d)
+        per_positive = _batch.over_distances(per_positive, d_ap)
     coef = _windows.add_at_columns(-per_negative, cols, per_positive)
     return coef, n_active
 
@@ -475,7 +470,7 @@ def _semi_hard_bucketed(d, batch, margin, runs, slots, per_distance=False):
     active = active.astype(jnp.float32)
     n_active = jnp.sum(active)
     if per_distance:
-        neg_coef, active = _per_distance(neg_coef, d), _per_distance(active, d_ap)
+        neg_coef, active = _batch.over_distances(neg_coef, d), _batch.over_distances(active, d_ap)
     return _windows.add_at_columns(-neg_coef, cols, active), n_active  # as "all"
 
 
@@ -552,7 +547,7 @@ def _mined_total(d, batch, margin, slotted, fallback, bucketed=None, symmetric=F
     def fallback_branch(d, b, where_from):
         coef, active = _by_row_chunks(fallback, d, b, margin)
         coef = _symmetrised(coef) if symmetric else coef
-        return (coef if mined_sum is None else _per_distance(coef, d)), active
+        return (coef if mined_sum is None else _batch.over_distances(coef, d)), active
 
     branches.append(fallback_branch)  # the last index
     coef, active = jax.lax.switch(index, branches, const, batch, where_from)
