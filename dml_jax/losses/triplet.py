@@ -20,11 +20,17 @@ reduction over whole rows materialised the ``[b, S, B]`` terms, and one over mor
 columns at once ran 20-40 times slower); the coefficient pass writes the negatives' entries
 and the slots' values are added at their columns by one ``[b, S]`` scatter into its output
 (:func:`~dml_jax.losses._windows.add_at_columns`; a symmetric view's transposed slots by
-one ``[b, S]`` gather, :func:`_slots_transposed`). A batch with a class of
-more than 32 rows takes a sort-based path instead (each anchor's negative distances sorted once,
-then binary searches: ``O(B^2 log B)`` work, ``O(B^2)`` memory, 128 rows at a time:
-:func:`_by_row_chunks`). XLA's CPU sort of a
-``1024 x 1024`` array costs several times the loss's matmuls, hence the slots.
+one ``[b, S]`` gather, :func:`_slots_transposed`). Semi-hard mining writes no such pass:
+an anchor's ``S + 1`` chosen negatives (each positive's closest harder one, and the
+farthest) are found by value, and where one negative holds a value, one more reduction
+gives its column (:func:`_chosen_columns`), so the coefficients are ``[b, 2 S + 1]``
+scatters into zeros (twice for a symmetric view); the few rows whose chosen value several
+negatives hold (exact ties, which a float batch of 1024 has a handful of) are mended one at
+a time, and with more than ``max(32, b / 16)`` such rows every row takes the dense pass.
+A batch with a class of more than 32 rows takes a sort-based path instead (each anchor's
+negative distances sorted once, then binary searches: ``O(B^2 log B)`` work, ``O(B^2)``
+memory, 128 rows at a time: :func:`_by_row_chunks`). XLA's CPU sort of a ``1024 x 1024``
+array costs several times the loss's matmuls, hence the slots.
 
 With a cross-batch memory of ``M`` rows (``W = B + M`` columns) an anchor has many negatives
 and a few dozen positives spread over the memory. The memory's columns are then ordered by
@@ -79,6 +85,8 @@ _BUCKET_COPIES = 4
 # and columns per block (at most _COLUMN_CHUNK chunks).
 _COLUMN_CHUNK = 32
 _BLOCK_COLUMNS = _COLUMN_CHUNK * _COLUMN_CHUNK
+# Rows with tied semi-hard negatives mended one at a time (see `_tied_row_limit`).
+_TIED_ROWS = 32
 # Rows per step of the sort-based fallback miners (see `_by_row_chunks`).
 _FALLBACK_ROWS = 128
 
@@ -133,7 +141,7 @@ def _column_blocks(x: jax.Array, fill: float) -> list[jax.Array]:
     ]
 
 
-def _per_slot(op, compare, thresholds, blocks):
+def _per_slot(op, compare, thresholds, blocks, with_columns=False):
     """``op`` (``"sum"`` counts, ``"min"``) over the columns of each slot's ``[b, W]`` row,
     ``[b, S]``: per block of :func:`_column_blocks`, ``compare(thresholds [b, S, 1, 1], block
     [b, 1, c, n])`` gives the ``[b, S, c, n]`` terms, reduced over both axes in int32, and
@@ -142,15 +150,27 @@ def _per_slot(op, compare, thresholds, blocks):
     untransposed chunks, or over more than 1024 columns at once made it materialise or
     scalarise the terms (3 times slower at ``W = 1024``, 20-40 times from ``W = 2048``), as
     does any float min. ``"min"`` takes non-negative floats (or ``+inf``), whose bit
-    patterns order as int32 as the floats do."""
-    def reduce(block):
-        terms = compare(thresholds[:, :, None, None], block[:, None])
+    patterns order as int32 as the floats do. ``with_columns``: ``compare`` also takes the
+    block's column indices (int32 ``[1, 1, c, n]``), its terms are int32 and so is the
+    ``"sum"``."""
+    def reduce(block, lo):
+        extra = ()
+        if with_columns:  # column lo + k c + l at [l, k], from iotas: as a transposed
+            # arange, or a constant, they made the reduction 2-5 times slower
+            shape = (1, 1, *block.shape[1:])
+            extra = (lo + jax.lax.broadcasted_iota(jnp.int32, shape, 3) * _COLUMN_CHUNK
+                     + jax.lax.broadcasted_iota(jnp.int32, shape, 2),)
+        terms = compare(thresholds[:, :, None, None], block[:, None], *extra)
         if op == "sum":
             return jnp.sum(terms, axis=(2, 3), dtype=jnp.int32)
         return jnp.min(jax.lax.bitcast_convert_type(terms, jnp.int32), axis=(2, 3))
 
     combine = jnp.add if op == "sum" else jnp.minimum
-    out = functools.reduce(combine, [reduce(block) for block in blocks])
+    out = functools.reduce(
+        combine, [reduce(block, i * _BLOCK_COLUMNS) for i, block in enumerate(blocks)]
+    )
+    if with_columns:
+        return out
     if op == "sum":
         return out.astype(jnp.float32)
     return jax.lax.bitcast_convert_type(out, jnp.float32)
@@ -205,36 +225,116 @@ def _semi_hard_slotted(d, batch, start, margin, slots, symmetric=False):
     d_an = jnp.where(found, closest, farthest[:, None])
     has_neg = batch.neg_count[:, None] > 0  # sum(neg, 1), counted from the labels
     active = filled & has_neg & (d_ap - d_an + margin > 0)  # [b, S]
-    # Mark the chosen negative's column by value (plain min/max reductions are much faster on
-    # CPU than argmin); exactly tied negatives share the coefficient, the value is unchanged.
-    # A negative at a found `closest` (finite, above d_ap) is harder than that positive.
-    ties = _per_slot("sum", jnp.equal, closest, blocks)  # [b, S]
-    far_ties = _per_slot(  # [b, 1]: the negatives at the farthest distance
-        "sum", jnp.equal, farthest[:, None], blocks
-    )[:, 0]
-    w_close = jnp.where(active & found, 1.0, 0.0) / jnp.maximum(ties, 1.0)
-    w_far = jnp.sum(jnp.where(active & ~found, 1.0, 0.0), axis=1) / jnp.maximum(far_ties, 1)
+    # The chosen negatives by value (plain min/max reductions are much faster on CPU than
+    # argmin): each slot's closest harder one (when found: finite and above d_ap, so held by
+    # negatives only), taken by the active terms, and the farthest, by the active terms
+    # that found none; exactly tied negatives share them (the loss's value is the same).
+    # Two groups, [b, S] and [b, 1]: the pass reads their columns, and an [b, S + 1] array's
+    # 9-float stride made it 1.8 times slower than the 8-float one.
+    groups = [
+        (closest, jnp.where(active & found, 1.0, 0.0)),
+        (farthest[:, None], jnp.sum(jnp.where(active & ~found, 1.0, 0.0), axis=1, keepdims=True)),
+    ]
+    counted = [_chosen_columns(values, blocks, d.shape[1]) for values, _ in groups]
+    weights = [uses / jnp.maximum(ties, 1).astype(jnp.float32)
+               for (_, uses), (ties, _) in zip(groups, counted, strict=True)]
+    positive = active.astype(jnp.float32)
 
-    def negative_coef(closest, w_close, farthest, w_far):  # [b, B]: the S slots unrolled
-        return functools.reduce(jnp.add, [
-            jnp.where(neg_d == c, w, 0.0) for c, w in zip(closest, w_close, strict=True)
-        ]) + jnp.where(batch.neg & (d == farthest), w_far, 0.0)
+    def by_values(_):
+        """Every entry compared with its row's chosen values (and, for a symmetric view, its
+        column's): ``O(b S W)``, one ``[b, W]`` pass."""
+        def negative_coef(transposed):
+            return sum(_chosen_coef(neg_d, values, weight, transposed)
+                       for (values, _), weight in zip(groups, weights, strict=True))
 
-    negative = negative_coef(
-        [closest[:, k:k + 1] for k in range(slots)], [w_close[:, k:k + 1] for k in range(slots)],
-        farthest[:, None], w_far[:, None],
-    )
-    active = active.astype(jnp.float32)
-    positive = active
-    if symmetric:  # (C + C^T) / 2 without a transpose, as in `_all_slotted`: C^T's entry
-        # (a, n) is C's (n, a), the same neg_d[a, n] against column n's slots, [1, B]
-        negative = 0.5 * (negative + negative_coef(
-            [closest[None, :, k] for k in range(slots)],
-            [w_close[None, :, k] for k in range(slots)], farthest[None, :], w_far[None, :],
-        ))
-        positive = 0.5 * (positive + _slots_transposed(active, start, cols, filled))
-    # The positives' entries of -negative are 0: the slots are added there (as "all").
-    return _windows.add_at_columns(-negative, cols, positive), jnp.sum(active)
+        negative = negative_coef(False)
+        pos = positive
+        if symmetric:  # (C + C^T) / 2 without a transpose: C^T's entry (a, n) is C's
+            # (n, a), the same neg_d[a, n] against column n's values, [1, B]
+            negative = 0.5 * (negative + negative_coef(True))
+            pos = 0.5 * (pos + _slots_transposed(pos, start, cols, filled))
+        # The positives' entries of -negative are 0: the slots are added there (as "all").
+        return _windows.add_at_columns(-negative, cols, pos)
+
+    if counted[0][1] is None:
+        return by_values(None), jnp.sum(positive)
+    half = 0.5 if symmetric else 1.0  # (C + C^T) / 2 for a symmetric view
+    single = [ties == 1 for ties, _ in counted]
+    tied = [(uses > 0) & ~one for (_, uses), one in zip(groups, single, strict=True)]
+    tied_rows = jnp.any(tied[0], axis=1) | tied[1][:, 0]  # [b]
+
+    def at_columns(_):
+        """The coefficients scattered at their columns (``[b, 2 S + 1]`` updates, and as
+        many transposed ones for a symmetric view), then each tied row's values by a pass
+        over its row (and column), one row at a time."""
+        rows = jnp.arange(d.shape[0], dtype=jnp.int32)[:, None]
+        coef = _windows.scatter_rows(half * positive, cols, d.shape[1])
+        if symmetric:  # C^T: the same values at the transposed entries
+            coef = coef.at[cols, rows].add(half * positive, mode="promise_in_bounds")
+        for one, (_, column), weight in zip(single, counted, weights, strict=True):
+            at = jnp.where(one, column, 0)
+            negative = -half * jnp.where(one, weight, 0.0)
+            coef = _windows.add_at_columns(coef, at, negative)
+            if symmetric:
+                coef = coef.at[at, rows].add(negative, mode="promise_in_bounds")
+        picked = jnp.nonzero(tied_rows, size=_tied_row_limit(d.shape[0]), fill_value=0)[0]
+
+        def add_tied_row(i, coef):
+            a = picked[i]
+            values = -half * sum(  # [1, W]
+                _chosen_coef(neg_d[a][None], values[a][None],
+                             jnp.where(row_tied[a], weight[a], 0.0)[None])
+                for (values, _), weight, row_tied in zip(groups, weights, tied, strict=True)
+            )
+            coef = jax.lax.dynamic_update_slice(
+                coef, jax.lax.dynamic_slice(coef, (a, 0), values.shape) + values, (a, 0))
+            if symmetric:  # and column a (a strided [W] slice; a [K, W] scatter of the
+                # columns of every possible tied row cost a third of the pass it replaces)
+                col = jax.lax.dynamic_slice(coef, (0, a), values.T.shape) + values.T
+                coef = jax.lax.dynamic_update_slice(coef, col, (0, a))
+            return coef
+
+        return jax.lax.fori_loop(0, jnp.sum(tied_rows), add_tied_row, coef)
+
+    few = jnp.sum(tied_rows) <= _tied_row_limit(d.shape[0])
+    return jax.lax.cond(few, at_columns, by_values, None), jnp.sum(positive)
+
+
+def _chosen_columns(chosen, blocks, width):
+    """How many entries of ``blocks`` (:func:`_column_blocks` of a ``[b, W]`` array) hold
+    each of a row's ``chosen`` values ``[b, K]``, and where one does, its column: ``(ties,
+    column)``, int32 ``[b, K]`` each (``column`` meaningful where ``ties == 1``), from
+    one :func:`_per_slot` sum of ``column << m | 1`` over the negatives at the value (``m``
+    bits hold any count below ``2^m > W``, so the count is exact even where the columns'
+    sum wraps around). ``column`` is None when ``W`` is too wide for a column's bits (past
+    ``2^15`` columns); ``ties`` then comes from counts alone."""
+    low = width.bit_length()
+    if (width - 1) << low >= 2**31:
+        return _per_slot("sum", jnp.equal, chosen, blocks).astype(jnp.int32), None
+    packed = _per_slot("sum", lambda t, x, col: jnp.where(x == t, (col << low) | 1, 0),
+                       chosen, blocks, with_columns=True)
+    return packed & ((1 << low) - 1), packed >> low
+
+
+def _tied_row_limit(rows: int) -> int:
+    """The most rows with tied chosen negatives that :func:`_semi_hard_slotted` mends one
+    at a time (``O(W S)`` each); with more, every row takes the dense pass."""
+    return min(rows, max(_TIED_ROWS, rows // 16))
+
+
+def _chosen_coef(neg_d, chosen, weight, transposed=False):
+    """``sum over k of weight[:, k] where neg_d == chosen[:, k]``: the negatives'
+    coefficients ``[b, W]`` of a group of :func:`_semi_hard_slotted`'s chosen values ``[b,
+    K]`` (``transposed``: of each column's values, ``[1, B]`` slices of ``[B, K]``, for the
+    transposed pairs; transposing the arrays put the transposes into the pass, 3.5 times
+    slower), the values unrolled."""
+    def part(x, k):
+        return x[None, :, k] if transposed else x[:, k:k + 1]
+
+    return functools.reduce(jnp.add, [
+        jnp.where(neg_d == part(chosen, k), part(weight, k), 0.0)
+        for k in range(chosen.shape[1])
+    ])
 
 
 def _semi_hard_sorted(d, batch, margin):

@@ -216,6 +216,109 @@ def test_triplet_miners_in_pieces_match_whole(mining, setting, size, steps, big_
     assert np.any(np.asarray(pieces[1]) != 0)
 
 
+def semi_hard_tied_gradient(e, y, margin):
+    """The semi-hard triplet loss's gradient by its documented tie rule, a NumPy loop: each
+    active term (a, p) adds +1 to d_ap's coefficient and -1 / t to each of the t negatives
+    at its chosen distance (the closest farther than d_ap, else the farthest); the loss is
+    their mean, chained through d_ij = |e_i - e_j| (no pair at distance 0)."""
+    e = np.asarray(e, np.float64)
+    n = len(y)
+    dist = np.sqrt(((e[:, None] - e[None]) ** 2).sum(-1))
+    coef, terms = np.zeros((n, n)), 0
+    for a in range(n):
+        pos = [p for p in range(n) if p != a and y[p] == y[a]]
+        neg = [k for k in range(n) if y[k] != y[a]]
+        if not neg:
+            continue
+        for p in pos:
+            terms += 1
+            harder = [dist[a, k] for k in neg if dist[a, k] > dist[a, p]]
+            d_an = min(harder) if harder else max(dist[a, k] for k in neg)
+            if dist[a, p] - d_an + margin > 0:
+                coef[a, p] += 1.0
+                tied = [k for k in neg if dist[a, k] == d_an]
+                for k in tied:
+                    coef[a, k] -= 1.0 / len(tied)
+    grad = np.zeros_like(e)
+    for i in range(n):
+        for j in range(n):
+            if coef[i, j]:
+                unit = (e[i] - e[j]) / dist[i, j]
+                grad[i] += coef[i, j] * unit
+                grad[j] -= coef[i, j] * unit
+    return grad / max(terms, 1)
+
+
+def tied_rows(e, y, margin):
+    """Anchors with an active semi-hard term whose chosen distance more than one negative
+    holds (NumPy)."""
+    e = np.asarray(e, np.float64)
+    dist = np.sqrt(((e[:, None] - e[None]) ** 2).sum(-1))
+    count = 0
+    for a in range(len(y)):
+        neg = dist[a, y != y[a]]
+        pos = [dist[a, p] for p in range(len(y)) if p != a and y[p] == y[a]]
+        chosen = [min(neg[neg > d_ap], default=neg.max()) for d_ap in pos
+                  if d_ap - min(neg[neg > d_ap], default=neg.max()) + margin > 0]
+        count += any(np.sum(neg == v) > 1 for v in chosen)
+    return count
+
+
+@pytest.mark.parametrize("symmetric", [True, False], ids=["symmetric", "rows_by_columns"])
+@pytest.mark.parametrize("limit,path", [(40, "mended"), (0, "dense")])
+def test_semi_hard_tied_negatives_on_each_path(symmetric, limit, path, monkeypatch):
+    """Semi-hard mining scatters each chosen negative at the column found by one reduction
+    when a single negative holds the chosen distance; rows where several do are mended one
+    at a time (``_TIED_ROWS`` of them at most), or every row takes the dense pass. On points
+    of an integer grid, whose distances tie exactly, each path gives the loop reference's
+    value and the tie rule's gradient, on the symmetric in-batch view and on the rows-by-
+    columns one (as under ``axis_name``)."""
+    from dml_jax.losses import _batch, triplet
+
+    rng = np.random.default_rng(0)
+    grid = np.stack(np.meshgrid(*[np.arange(-2, 3)] * 3), -1).reshape(-1, 3)
+    e = grid[rng.choice(len(grid), 40, replace=False)].astype(np.float32)
+    y = np.repeat(np.arange(5), 8).astype(np.int32)
+    margin = 1.5
+    assert tied_rows(e, y, margin) > 2  # more than the dense path's limit (40 // 16)
+    monkeypatch.setattr(triplet, "_TIED_ROWS", limit)
+
+    def loss(x):  # triplet_loss without its jit cache, so the patched limit is traced
+        batch = _batch.pair_batch(x, y, None, None, sort_by_label=True)
+        return triplet.triplet_from_distances(
+            _batch.distances_of(batch, None, symmetric=symmetric), batch, margin=margin,
+            mining="semi_hard", axis_name=None, symmetric=symmetric,
+        )
+
+    value, grad = jax.jit(jax.value_and_grad(loss))(e)
+    np.testing.assert_allclose(value, ref.triplet(e, y, margin=margin, mining="semi_hard"),
+                               **VALUE_TOL)
+    np.testing.assert_allclose(grad, semi_hard_tied_gradient(e, y, margin), rtol=1e-5,
+                               atol=1e-7)
+
+
+def test_chosen_columns_count_ties_and_find_single_columns():
+    """``_chosen_columns`` packs each match as ``column << m | 1``: the count in the low
+    bits is exact even when the columns' sum wraps around int32 (every column tied, 3,000
+    of them), and a value held once gives its column, over two blocks of columns."""
+    from dml_jax.losses import triplet
+
+    rng = np.random.default_rng(1)
+    width = 3000
+    values = rng.permutation(width).astype(np.float32)[None].repeat(3, 0)
+    values[2] = 7.0  # every column ties
+    chosen = np.array([[values[0, 5], values[0, 2500], -1.0],
+                       [values[1, 1023], values[1, 1024], values[1, 2999]],
+                       [7.0, 8.0, 7.0]], np.float32)
+    blocks = triplet._column_blocks(jnp.asarray(values), -jnp.inf)
+    ties, column = triplet._chosen_columns(jnp.asarray(chosen), blocks, width)
+    np.testing.assert_array_equal(ties, [[1, 1, 0], [1, 1, 1], [width, 0, width]])
+    np.testing.assert_array_equal(np.asarray(column)[:2], [[5, 2500, 0], [1023, 1024, 2999]])
+    wide = triplet._chosen_columns(jnp.asarray(chosen), blocks, 2**15 + 1)
+    assert wide[1] is None
+    np.testing.assert_array_equal(wide[0], ties)
+
+
 @pytest.mark.parametrize("case", BASELINE, ids=IDS)
 def test_bad_input_raises_naming_argument_and_shape(case):
     fn, _ = bind(case)
