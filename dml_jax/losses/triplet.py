@@ -184,16 +184,20 @@ def _all_slotted(d, batch, start, margin, slots, symmetric=False):
         "sum", jnp.greater, threshold, _column_blocks(neg_d, jnp.inf)
     )
 
-    def count_negative(thresholds):  # [b, B]: the S slots unrolled
-        return functools.reduce(jnp.add, [(t > neg_d).astype(jnp.float32) for t in thresholds])
+    def count_negative(thresholds):  # [b, B]: the S slots unrolled, counted in int32
+        return functools.reduce(jnp.add, [(t > neg_d).astype(jnp.int32) for t in thresholds])
 
     negative = count_negative([threshold[:, s:s + 1] for s in range(slots)])  # each row's, [b, 1]
     positive = per_positive
     if symmetric:  # (C + C^T) / 2 without a transpose: C^T's entry (a, n) is C's (n, a), whose
         # negative count compares the same neg_d[a, n] (d and neg symmetric) with column n's
-        # thresholds, [1, B]; a positive pair's is slot a - start[n] of row n
-        negative = 0.5 * (negative + count_negative([threshold[None, :, s] for s in range(slots)]))
+        # thresholds, [1, B] rows of their transpose, written apart (read as columns of [b, S]
+        # inside the pass, at a stride of S floats, they took a tenth of the step); a positive
+        # pair's is slot a - start[n] of row n
+        column = _batch.transposed(threshold)  # [S, B]
+        negative = 0.5 * (negative + count_negative([column[s][None, :] for s in range(slots)]))
         positive = 0.5 * (positive + _slots_transposed(per_positive, start, cols, filled))
+    negative = negative.astype(jnp.float32)
     # The positives' entries of -negative are 0: the slots (0 where unfilled, so also at a
     # clipped column) are added there. Selecting each entry's slot inside the pass instead
     # (S compares and selects per entry, twice for a symmetric view) took half its time.
