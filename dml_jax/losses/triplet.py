@@ -239,7 +239,7 @@ def _semi_hard_slotted(d, batch, start, margin, slots, symmetric=False):
         (closest, jnp.where(active & found, 1.0, 0.0)),
         (farthest[:, None], jnp.sum(jnp.where(active & ~found, 1.0, 0.0), axis=1, keepdims=True)),
     ]
-    counted = [_chosen_columns(values, blocks, d.shape[1]) for values, _ in groups]
+    counted = [_chosen_columns(values, blocks) for values, _ in groups]
     weights = [uses / jnp.maximum(ties, 1).astype(jnp.float32)
                for (_, uses), (ties, _) in zip(groups, counted, strict=True)]
     positive = active.astype(jnp.float32)
@@ -286,9 +286,9 @@ def _semi_hard_slotted(d, batch, start, margin, slots, symmetric=False):
         def add_tied_row(i, coef):
             a = picked[i]
             values = -half * sum(  # [1, W]
-                _chosen_coef(neg_d[a][None], values[a][None],
+                _chosen_coef(neg_d[a][None], chosen[a][None],
                              jnp.where(row_tied[a], weight[a], 0.0)[None])
-                for (values, _), weight, row_tied in zip(groups, weights, tied, strict=True)
+                for (chosen, _), weight, row_tied in zip(groups, weights, tied, strict=True)
             )
             coef = jax.lax.dynamic_update_slice(
                 coef, jax.lax.dynamic_slice(coef, (a, 0), values.shape) + values, (a, 0))
@@ -304,14 +304,15 @@ def _semi_hard_slotted(d, batch, start, margin, slots, symmetric=False):
     return jax.lax.cond(few, at_columns, by_values, None), jnp.sum(positive)
 
 
-def _chosen_columns(chosen, blocks, width):
-    """How many entries of ``blocks`` (:func:`_column_blocks` of a ``[b, W]`` array) hold
-    each of a row's ``chosen`` values ``[b, K]``, and where one does, its column: ``(ties,
-    column)``, int32 ``[b, K]`` each (``column`` meaningful where ``ties == 1``), from
-    one :func:`_per_slot` sum of ``column << m | 1`` over the negatives at the value (``m``
-    bits hold any count below ``2^m > W``, so the count is exact even where the columns'
-    sum wraps around). ``column`` is None when ``W`` is too wide for a column's bits (past
-    ``2^15`` columns); ``ties`` then comes from counts alone."""
+def _chosen_columns(chosen, blocks):
+    """How many entries of ``blocks`` (:func:`_column_blocks` of a ``[b, W]`` array, padding
+    included) hold each of a row's ``chosen`` values ``[b, K]``, and where one does, its
+    column: ``(ties, column)``, int32 ``[b, K]`` each (``column`` meaningful where ``ties ==
+    1``), from one :func:`_per_slot` sum of ``column << m | 1`` over the entries at the value
+    (``m`` bits hold any count up to the padded width ``W' < 2^m``, so the count is exact even
+    where the columns' sum wraps around). ``column`` is None when a column's bits do not fit
+    beside them (``W'`` past ``2^15``); ``ties`` then comes from counts alone."""
+    width = sum(block.shape[1] * block.shape[2] for block in blocks)  # W', padded
     low = width.bit_length()
     if (width - 1) << low >= 2**31:
         return _per_slot("sum", jnp.equal, chosen, blocks).astype(jnp.int32), None
@@ -331,7 +332,8 @@ def _chosen_coef(neg_d, chosen, weight, transposed=False):
     coefficients ``[b, W]`` of a group of :func:`_semi_hard_slotted`'s chosen values ``[b,
     K]`` (``transposed``: of each column's values, ``[1, B]`` slices of ``[B, K]``, for the
     transposed pairs; transposing the arrays put the transposes into the pass, 3.5 times
-    slower), the values unrolled."""
+    slower, and writing them apart, `_batch.transposed`, gave nothing), the values
+    unrolled."""
     def part(x, k):
         return x[None, :, k] if transposed else x[:, k:k + 1]
 

@@ -310,13 +310,19 @@ def test_chosen_columns_count_ties_and_find_single_columns():
     chosen = np.array([[values[0, 5], values[0, 2500], -1.0],
                        [values[1, 1023], values[1, 1024], values[1, 2999]],
                        [7.0, 8.0, 7.0]], np.float32)
-    blocks = triplet._column_blocks(jnp.asarray(values), -jnp.inf)
-    ties, column = triplet._chosen_columns(jnp.asarray(chosen), blocks, width)
+    blocks = triplet._column_blocks(jnp.asarray(values), -jnp.inf)  # padded to 3,008
+    ties, column = triplet._chosen_columns(jnp.asarray(chosen), blocks)
     np.testing.assert_array_equal(ties, [[1, 1, 0], [1, 1, 1], [width, 0, width]])
     np.testing.assert_array_equal(np.asarray(column)[:2], [[5, 2500, 0], [1023, 1024, 2999]])
-    wide = triplet._chosen_columns(jnp.asarray(chosen), blocks, 2**15 + 1)
+    # The padding's fill counts too: 4,090 columns padded to 4,096 = 2^12 fill entries, a
+    # count that needs the padded width's bits.
+    fill = triplet._column_blocks(jnp.full((1, 4090), -jnp.inf), -jnp.inf)
+    np.testing.assert_array_equal(
+        triplet._chosen_columns(jnp.full((1, 1), -jnp.inf), fill)[0], [[4096]])
+    wide = triplet._chosen_columns(
+        jnp.asarray(chosen), triplet._column_blocks(jnp.asarray(values.repeat(11, 1)), -jnp.inf))
     assert wide[1] is None
-    np.testing.assert_array_equal(wide[0], ties)
+    np.testing.assert_array_equal(wide[0], np.where(ties == width, 11 * width, ties * 11))
 
 
 @pytest.mark.parametrize("case", BASELINE, ids=IDS)
