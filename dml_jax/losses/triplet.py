@@ -266,11 +266,14 @@ def _semi_hard_slotted(d, batch, start, margin, slots, symmetric=False):
     single = [ties == 1 for ties, _ in counted]
     tied = [(uses > 0) & ~one for (_, uses), one in zip(groups, single, strict=True)]
     tied_rows = jnp.any(tied[0], axis=1) | tied[1][:, 0]  # [b]
+    n_tied = jnp.sum(tied_rows)
 
     def at_columns(_):
         """The coefficients scattered at their columns (``[b, 2 S + 1]`` updates, and as
         many transposed ones for a symmetric view), then each tied row's values by a pass
         over its row (and column), one row at a time."""
+        # One scatter per group and direction: concatenating the column index with `cols`
+        # took the reduction producing it into the concatenation's fusion (1.25 ms, not 0.35).
         rows = jnp.arange(d.shape[0], dtype=jnp.int32)[:, None]
         coef = _windows.scatter_rows(half * positive, cols, d.shape[1])
         if symmetric:  # C^T: the same values at the transposed entries
@@ -298,9 +301,9 @@ def _semi_hard_slotted(d, batch, start, margin, slots, symmetric=False):
                 coef = jax.lax.dynamic_update_slice(coef, col, (0, a))
             return coef
 
-        return jax.lax.fori_loop(0, jnp.sum(tied_rows), add_tied_row, coef)
+        return jax.lax.fori_loop(0, n_tied, add_tied_row, coef)
 
-    few = jnp.sum(tied_rows) <= _tied_row_limit(d.shape[0])
+    few = n_tied <= _tied_row_limit(d.shape[0])
     return jax.lax.cond(few, at_columns, by_values, None), jnp.sum(positive)
 
 

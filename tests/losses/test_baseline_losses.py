@@ -258,9 +258,9 @@ def tied_rows(e, y, margin):
     for a in range(len(y)):
         neg = dist[a, y != y[a]]
         pos = [dist[a, p] for p in range(len(y)) if p != a and y[p] == y[a]]
-        chosen = [min(neg[neg > d_ap], default=neg.max()) for d_ap in pos
-                  if d_ap - min(neg[neg > d_ap], default=neg.max()) + margin > 0]
-        count += any(np.sum(neg == v) > 1 for v in chosen)
+        chosen = [(d_ap, min(neg[neg > d_ap], default=neg.max())) for d_ap in pos]
+        count += any(d_ap - d_an + margin > 0 and np.sum(neg == d_an) > 1
+                     for d_ap, d_an in chosen)
     return count
 
 
@@ -291,10 +291,12 @@ def test_semi_hard_tied_negatives_on_each_path(symmetric, limit, path, monkeypat
         )
 
     value, grad = jax.jit(jax.value_and_grad(loss))(e)
+    # float32 against float64 loops; measured: value within 5e-7, gradient within 4e-9 of
+    # entries up to 0.03 (a tie rule's mistake moves an entry by ~1e-3)
     np.testing.assert_allclose(value, ref.triplet(e, y, margin=margin, mining="semi_hard"),
-                               **VALUE_TOL)
+                               rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(grad, semi_hard_tied_gradient(e, y, margin), rtol=1e-5,
-                               atol=1e-7)
+                               atol=1e-8)
 
 
 def test_chosen_columns_count_ties_and_find_single_columns():
@@ -322,7 +324,7 @@ def test_chosen_columns_count_ties_and_find_single_columns():
     wide = triplet._chosen_columns(
         jnp.asarray(chosen), triplet._column_blocks(jnp.asarray(values.repeat(11, 1)), -jnp.inf))
     assert wide[1] is None
-    np.testing.assert_array_equal(wide[0], np.where(ties == width, 11 * width, ties * 11))
+    np.testing.assert_array_equal(wide[0], 11 * np.asarray(ties))
 
 
 @pytest.mark.parametrize("case", BASELINE, ids=IDS)
