@@ -265,6 +265,34 @@ def test_permute_rows_gradient_is_the_inverse_permutation():
     np.testing.assert_array_equal(g1, g2)
 
 
+@pytest.mark.parametrize("n", [1, 7, 1000, 8192])
+@pytest.mark.parametrize("labels", ["classes", "negative", "int32 wide", "int32 largest",
+                                    "int32 smallest", "none valid", "at the packing limit",
+                                    "past the packing limit"])
+def test_label_order_is_the_stable_argsort_with_invalid_rows_last(n, labels):
+    # Class-index labels take the packed-key sort, a span past it (or int32's largest, the
+    # invalid rows' key) the key-and-index sort: both must give NumPy's stable order.
+    rng = np.random.default_rng(n)
+    top, bottom = np.iinfo(np.int32).max, np.iinfo(np.int32).min
+    limit = (2**31 - 1) // n - 2  # the largest span the packed keys hold
+    draw = {
+        "classes": lambda: rng.integers(0, 50, n),
+        "negative": lambda: rng.integers(-30, 30, n),
+        "int32 wide": lambda: rng.integers(bottom, top, n, dtype=np.int64),
+        "int32 largest": lambda: rng.choice([top, top - 1, top - 3], n),
+        "int32 smallest": lambda: rng.choice([bottom, bottom + 1, bottom + 3], n),
+        "none valid": lambda: rng.integers(0, 5, n),
+        "at the packing limit": lambda: rng.choice([-3, 0, limit - 3], n),
+        "past the packing limit": lambda: rng.choice([-3, 0, limit - 2], n),
+    }
+    y = draw[labels]().astype(np.int32)
+    valid = rng.random(n) < (0.0 if labels == "none valid" else 0.8)
+    expected = np.argsort(np.where(valid, y, top), kind="stable")
+    got = jax.jit(_batch.label_order)(jnp.asarray(y), jnp.asarray(valid))
+    assert got.dtype == jnp.int32
+    np.testing.assert_array_equal(got, expected)
+
+
 def _batch_hard_both_ways(e, y, where=None):
     """batch-hard's loss with the sparse gradient (the public path) and with the dense one."""
     from dml_jax.losses import triplet
