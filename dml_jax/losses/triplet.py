@@ -555,7 +555,7 @@ def _semi_hard_bucketed(d, batch, margin, runs, slots, per_distance=False):
     neg_d = jnp.where(batch.neg, d, jnp.inf)
     bucket_min = _row_buckets("min", neg_d, index, slots + 1, jnp.inf)  # [b, S + 1]
     # Negative n is harder than the j-th closest positive iff bucket[n] > j.
-    closest, target = _closest_above(bucket_min)  # [b, S] each
+    closest = jax.lax.cummin(bucket_min, axis=1, reverse=True)[:, 1:]  # [b, S]
     found = jnp.isfinite(closest)
     farthest = jnp.max(jnp.where(batch.neg, d, -jnp.inf), axis=1)  # [b]
     d_an = jnp.where(found, closest, farthest[:, None])
@@ -565,7 +565,7 @@ def _semi_hard_bucketed(d, batch, margin, runs, slots, per_distance=False):
     # bucket's minimum, and every negative tied with it lies in that bucket.
     is_min = batch.neg & (d == _row_gather(bucket_min, bucket))  # [b, W]
     ties = _row_buckets("add", is_min.astype(jnp.int32), index, slots + 1, 0)
-    target = jnp.where(found, target, slots)
+    target = jnp.where(found, _searchsorted_rows(d_ap, closest, side="left"), slots)
     w_close = jnp.where(active & found, 1.0, 0.0) / jnp.maximum(
         jnp.take_along_axis(ties, target, axis=1), 1
     )
@@ -581,25 +581,6 @@ def _semi_hard_bucketed(d, batch, margin, runs, slots, per_distance=False):
     if per_distance:
         neg_coef, active = _batch.over_distances(neg_coef, d), _batch.over_distances(active, d_ap)
     return _windows.add_at_columns(-neg_coef, cols, active), n_active  # as "all"
-
-
-def _closest_above(bucket_min: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """For per-bucket minima ``bucket_min`` ``[b, S + 1]`` (``+inf`` for an empty bucket),
-    the least value in the buckets above each ``j < S`` and the bucket holding it: ``(closest
-    [b, S], target [b, S])`` (``closest`` ``+inf`` and ``target`` ``S + 1`` where no bucket
-    above ``j`` is filled).
-
-    Two buckets never share a finite minimum (equal distances fall in one bucket), so the
-    least value above ``j`` is held by the first bucket after ``j`` whose minimum is also the
-    least of every bucket from it on: two reverse cumulative minima over ``[b, S + 1]``,
-    where a binary search of the values among the sorted positives took 3 ms at ``[1024,
-    128]`` (a scan of gathers on XLA's CPU backend).
-    """
-    suffix_min = jax.lax.cummin(bucket_min, axis=1, reverse=True)
-    index = jax.lax.broadcasted_iota(jnp.int32, bucket_min.shape, 1)
-    holds = jnp.isfinite(bucket_min) & (bucket_min == suffix_min)
-    first = jax.lax.cummin(jnp.where(holds, index, bucket_min.shape[1]), axis=1, reverse=True)
-    return suffix_min[:, 1:], first[:, 1:]
 
 
 def _by_row_chunks(fallback, d, batch, margin):

@@ -327,27 +327,6 @@ def test_chosen_columns_count_ties_and_find_single_columns():
     np.testing.assert_array_equal(wide[0], 11 * np.asarray(ties))
 
 
-def test_closest_above_is_the_least_value_of_the_buckets_above():
-    """``_closest_above`` against a loop: for each ``j``, the least per-bucket minimum among
-    the buckets ``k > j`` and the bucket holding it (``+inf`` and ``S + 1`` where every
-    bucket above is empty); distinct finite minima, as distances in different buckets are."""
-    from dml_jax.losses import triplet
-
-    rng = np.random.default_rng(2)
-    rows, buckets = 64, 17
-    minima = rng.permutation(rows * buckets).reshape(rows, buckets).astype(np.float32) / 7
-    minima[rng.random((rows, buckets)) < 0.4] = np.inf  # empty buckets
-    minima[0] = np.inf  # every bucket empty
-    minima[1, :-1] = np.inf  # only the last filled
-    closest, target = triplet._closest_above(jnp.asarray(minima))
-    for a in range(rows):
-        for j in range(buckets - 1):
-            above = minima[a, j + 1:]
-            best = j + 1 + int(np.argmin(above))
-            expected = (np.inf, buckets) if np.isinf(above).all() else (above.min(), best)
-            assert (float(closest[a, j]), int(target[a, j])) == expected, (a, j)
-
-
 @pytest.mark.parametrize("case", BASELINE, ids=IDS)
 def test_bad_input_raises_naming_argument_and_shape(case):
     fn, _ = bind(case)

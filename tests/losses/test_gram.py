@@ -270,8 +270,9 @@ def test_permute_rows_gradient_is_the_inverse_permutation():
                                     "int32 smallest", "none valid", "at the packing limit",
                                     "past the packing limit"])
 def test_label_order_is_the_stable_argsort_with_invalid_rows_last(n, labels):
-    # Class-index labels take the packed-key sort, a span past it (or int32's largest, the
-    # invalid rows' key) the key-and-index sort: both must give NumPy's stable order.
+    # NumPy's stable order, invalid rows last, for labels anywhere in int32 (its largest, the
+    # invalid rows' key, included) and sizes whose packed keys (label - min) n + index would
+    # or would not fit int32 (a faster sort of such keys was tried; see docs/losses.md).
     rng = np.random.default_rng(n)
     top, bottom = np.iinfo(np.int32).max, np.iinfo(np.int32).min
     limit = (2**31 - 1) // n - 2  # the largest span the packed keys hold
