@@ -12,6 +12,19 @@ from dml_jax.losses import _batch
 from dml_jax.losses.memory import XBMState, with_memory
 
 
+def _exponent_bound(scale: float, base: float) -> jax.Array:
+    """``max over s in [-1, 1] of scale (s - base)``, ``|scale| - scale base``: the largest
+    exponent of a multi-similarity log-sum-exp over cosine similarities (attained at ``s =
+    sign(scale)``; a computed cosine may pass 1 by a few ulps). A float32 scalar.
+
+    With the defaults the bounds are ``2 + 1 = 3`` (positives) and ``50 - 25 = 25``
+    (negatives), both under the fixed-shift limit of :func:`dml_jax.losses._batch.row_logsumexp`
+    (60): neither log-sum-exp needs a pass for the row maxima.
+    """
+    scale = jnp.asarray(scale, jnp.float32)
+    return jnp.abs(scale) - scale * jnp.asarray(base, jnp.float32)
+
+
 def multi_similarity_from_similarities(
     s: jax.Array,
     pos: jax.Array,
@@ -40,12 +53,11 @@ def multi_similarity_from_similarities(
     symmetric = symmetric and epsilon is None
     # Cosines lie in [-1, 1], which bounds each exponent: the log-sum-exps may use a fixed
     # shift instead of a pass for the row maxima (see _batch.row_logsumexp).
-    reach = 1.0 + jnp.abs(base)
     pos_lse = _batch.masked_logsumexp(
-        -alpha * (s - base), pos, symmetric=symmetric, bound=jnp.abs(alpha) * reach
+        -alpha * (s - base), pos, symmetric=symmetric, bound=_exponent_bound(-alpha, base)
     )
     neg_lse = _batch.masked_logsumexp(
-        beta * (s - base), neg, symmetric=symmetric, bound=jnp.abs(beta) * reach
+        beta * (s - base), neg, symmetric=symmetric, bound=_exponent_bound(beta, base)
     )
     per_anchor = _batch.softplus_of_lse(pos_lse) / alpha + _batch.softplus_of_lse(neg_lse) / beta
     return _batch.global_mean(

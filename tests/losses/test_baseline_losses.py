@@ -10,6 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dml_jax import losses
+from dml_jax.losses import _batch
+from dml_jax.losses.multi_similarity import _exponent_bound
 from tests.losses import reference as ref
 from tests.losses.cases import BASELINE, IDS, bind
 
@@ -345,3 +347,36 @@ def test_unknown_mining_is_refused():
     e, y = random_batch(0)
     with pytest.raises(ValueError, match="mining"):
         losses.triplet_loss(e, y, mining="hardest")
+
+
+@pytest.mark.parametrize("scale", [-50.0, -2.0, 0.0, 2.0, 50.0])
+@pytest.mark.parametrize("base", [-1.5, -0.5, 0.0, 0.5, 1.5])
+def test_multi_similarity_exponent_bound_is_the_largest_exponent_over_cosines(scale, base):
+    cosines = np.linspace(-1.0, 1.0, 2001)  # holds both ends, where the maximum lies
+    largest = np.max(scale * (cosines - base))
+    assert float(_exponent_bound(scale, base)) == pytest.approx(largest, rel=1e-6, abs=1e-6)
+
+
+def test_multi_similarity_defaults_take_the_fixed_shift_for_both_sums():
+    """With alpha 2, beta 50, base 0.5 the exponents are at most 3 (positives) and 25
+    (negatives), under row_logsumexp's fixed-shift limit: no pass for the row maxima."""
+    assert float(_exponent_bound(-2.0, 0.5)) == 3.0
+    assert float(_exponent_bound(50.0, 0.5)) == 25.0
+    assert 25.0 <= _batch._FIXED_SHIFT_MAX < 75.0  # 75: |beta| (1 + |base|), the loose bound
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{}, {"beta": 100.0, "base": -0.5}, {"alpha": 50.0}],
+    ids=["both_fixed_shift", "negatives_row_maxima", "positives_row_maxima"],
+)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_multi_similarity_on_each_log_sum_exp_path_matches_loop_reference(kwargs, seed):
+    """Bounds 3 / 25, 1 / 150 and 75 / 25 (positives / negatives): the fixed shift where a
+    bound is at most 60, the row maxima elsewhere, both against the reference."""
+    e, y = random_batch(seed)
+    value, grad = jax.value_and_grad(
+        lambda x: losses.multi_similarity_loss(x, y, **kwargs))(e)
+    np.testing.assert_allclose(value, ref.multi_similarity(e, y, **kwargs), **VALUE_TOL)
+    expected_grad = ref.numerical_grad(lambda x: ref.multi_similarity(x, y, **kwargs), e)
+    np.testing.assert_allclose(grad, expected_grad, **GRAD_TOL)
+    assert np.abs(np.asarray(grad)).max() > 1e-3
