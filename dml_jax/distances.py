@@ -45,6 +45,24 @@ def _inverse_norms(
     return jax.lax.rsqrt(jnp.maximum(sq, eps * eps))
 
 
+def normalized_squared_norms(x: jax.typing.ArrayLike, eps: float = 1e-12) -> jax.Array:
+    """The squared norms of :func:`l2_normalize`'s rows, ``||x_i||^2 / max(||x_i||, eps)^2 =
+    min(||x_i||^2 / eps^2, 1)``, exactly: 1 for every row of norm at least ``eps``, with zero
+    gradient there, as in exact arithmetic (summing the normalised row's squares rounds to
+    ``1 +- 1e-7``, and its gradient is that rounding's), less for a shorter row, 0 for a zero
+    row.
+
+    Args:
+      x: float ``[N, D]``.
+      eps: as :func:`l2_normalize`'s.
+
+    Returns:
+      float32 ``[N]``.
+    """
+    x = _f32(x)
+    return jnp.minimum(jnp.sum(x * x, axis=-1) / (eps * eps), 1.0)
+
+
 def dot_products(x: jax.typing.ArrayLike, y: jax.typing.ArrayLike | None = None) -> jax.Array:
     """``x @ y.T`` in float32, full precision: ``x`` ``[N, D]``, ``y`` ``[M, D]`` -> ``[N, M]``."""
     x = _f32(x)

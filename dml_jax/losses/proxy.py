@@ -123,7 +123,7 @@ def proxy_nca_loss(
     # -t d_ic = -t |r_i|^2 - t |p_c|^2 + 2t r_i.p_c on the normalised rows and proxies; the
     # first term is the same for every class of row i, and a softmax does not see a per-row
     # constant: it is left out, which saves a [b, D] pass and its gradient.
-    unit_sq = jnp.sum(jnp.square(distances.l2_normalize(batch.params)), axis=1)  # [C]
+    unit_sq = distances.normalized_squared_norms(batch.params)  # [C]
     logits = (2.0 * softmax_scale) * distances.cosine_similarity(
         batch.rows, batch.params
     ) - softmax_scale * unit_sq[None, :]

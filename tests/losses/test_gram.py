@@ -523,3 +523,25 @@ def test_safe_sqrt_value_and_derivatives():
     want = np.where(positive, -0.25 * np.where(positive, sq, 1.0) ** -1.5, 0.0)
     assert np.all(np.isfinite(np.asarray(second)))
     np.testing.assert_allclose(second, want, rtol=1e-5)
+
+
+def test_normalized_squared_norms_are_those_of_l2_normalize_exactly():
+    """1 with zero gradient for a row of norm >= 1e-12 (where summing the normalised row's
+    squares rounds), ||x||^2 / 1e-24 below it, 0 for a zero row; no NaN for huge rows."""
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(6, 7)).astype(np.float32) * np.float32([[1.0], [1e-3], [1e3], [1.0],
+                                                                  [1.0], [1.0]])
+    x[3] = 0.0
+    x[4] *= 1e-13 / np.linalg.norm(x[4])  # below the norm floor: l2_normalize leaves it short
+    x[5] *= 1e30 / np.linalg.norm(x[5])  # its squared norm overflows float32
+    norms = distances.normalized_squared_norms(x)
+    np.testing.assert_array_equal(np.asarray(norms)[[0, 1, 2, 5]], 1.0)
+    assert norms[3] == 0.0
+    np.testing.assert_allclose(norms[4], 1e-2, rtol=1e-5)
+    plain = jnp.sum(jnp.square(distances.l2_normalize(x[:5])), axis=1)
+    np.testing.assert_allclose(norms[:5], plain, rtol=1e-6)
+    w = jnp.asarray(rng.normal(size=6), jnp.float32)
+    grad = jax.grad(lambda x: jnp.sum(w * distances.normalized_squared_norms(x)))(x)
+    assert np.all(np.isfinite(grad))
+    np.testing.assert_array_equal(np.asarray(grad)[[0, 1, 2, 3, 5]], 0.0)
+    np.testing.assert_allclose(grad[4], 2 * w[4] * x[4] / 1e-24, rtol=1e-5)
