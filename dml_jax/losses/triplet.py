@@ -634,7 +634,8 @@ def _mined_total(d, batch, margin, slotted, fallback, bucketed=None, symmetric=F
     ``mined_sum``: ``(sq, rows, memory)`` of a single-device view with a memory (``d`` then a
     constant, ``sqrt(sq)``): the miners give ``C / d`` and the sum is
     :func:`~dml_jax.losses._batch.mined_distance_sum`'s of those, whose gradient reaches
-    ``rows``.
+    ``rows``. Otherwise a miner may give ``sum(C * d)`` as a third output, from its slots
+    (:func:`_coefficient_sum`); the others' is a ``[b, W]`` reduction.
     """
     const = jax.lax.stop_gradient(d)
     split = d.shape[1] - batch.memory.shape[0]  # the batch columns; the memory's after
@@ -663,8 +664,7 @@ def _mined_total(d, batch, margin, slotted, fallback, bucketed=None, symmetric=F
 
     branches.append(fallback_branch)  # the last index
     if mined_sum is not None:
-        coef, active = jax.lax.switch(
-            index, [lambda *a, b=b: b(*a)[:2] for b in branches], const, batch, where_from)
+        coef, active = jax.lax.switch(index, branches, const, batch, where_from)
         return _batch.mined_distance_sum(coef, *mined_sum) + margin * active
     coef, active, value = jax.lax.switch(index, [_valued(b) for b in branches], const, batch,
                                          where_from)
