@@ -16,13 +16,15 @@ import jax.numpy as jnp
 # Squared distances at or below this are treated as 0 (distance < 1e-6): their square root's
 # gradient would otherwise be unbounded.
 _SQ_DIST_FLOOR = 1e-12
+# Norms below this count as this in a normalisation (a zero vector scales to zero).
+_NORM_FLOOR = 1e-12
 
 
 def _f32(x: jax.typing.ArrayLike) -> jax.Array:
     return jnp.asarray(x).astype(jnp.float32)
 
 
-def l2_normalize(x: jax.typing.ArrayLike, axis: int = -1, eps: float = 1e-12) -> jax.Array:
+def l2_normalize(x: jax.typing.ArrayLike, axis: int = -1, eps: float = _NORM_FLOOR) -> jax.Array:
     """Scales ``x`` to unit L2 norm along ``axis``; a zero vector stays zero (finite gradient).
 
     Args:
@@ -38,14 +40,14 @@ def l2_normalize(x: jax.typing.ArrayLike, axis: int = -1, eps: float = 1e-12) ->
 
 
 def _inverse_norms(
-    x: jax.Array, axis: int = -1, eps: float = 1e-12, *, keepdims: bool = False
+    x: jax.Array, axis: int = -1, eps: float = _NORM_FLOOR, *, keepdims: bool = False
 ) -> jax.Array:
     """``1 / max(||x||, eps)`` along ``axis``, float32 (a zero vector scales to zero)."""
     sq = jnp.sum(x * x, axis=axis, keepdims=keepdims)
     return jax.lax.rsqrt(jnp.maximum(sq, eps * eps))
 
 
-def normalized_squared_norms(x: jax.typing.ArrayLike, eps: float = 1e-12) -> jax.Array:
+def normalized_squared_norms(x: jax.typing.ArrayLike, eps: float = _NORM_FLOOR) -> jax.Array:
     """The squared norms of :func:`l2_normalize`'s rows, ``||x_i||^2 / max(||x_i||, eps)^2 =
     min(||x_i||^2 / eps^2, 1)``, exactly: 1 for every row of norm at least ``eps``, with zero
     gradient there, as in exact arithmetic (summing the normalised row's squares rounds to
