@@ -566,7 +566,17 @@ def memory_distances(
 memory_distances.defvjp(_memory_distances_fwd, _memory_distances_bwd)
 
 
-def _mined_distance_sum_fwd(k, sq, rows, memory):
+def _rows_gradient(rows: jax.Array, row_sums: jax.Array, *products: jax.Array) -> jax.Array:
+    """``sum_j k_ij (x_i - y_j)`` as ``x_i r_i - sum of products``: the rows' gradient of
+    ``sum_ij C_ij d_ij`` (``k = C / d``) from ``k``'s row sums ``r`` ``[B]`` and its products
+    with the columns ``[B, D]`` each."""
+    return rows * row_sums[:, None] - functools.reduce(jnp.add, products)
+
+
+def mined_gradient(k: jax.Array, rows: jax.Array,
+                   memory: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(sum_ij C_ij d_ij, its gradient for rows [B, D])`` of :func:`mined_distance_sum`
+    (``k = C / d`` ``[B, B + M]``), both from its backward products (see there)."""
     hi = jax.lax.Precision.HIGHEST
     batch = rows.shape[0]
     k_b = transpose_sum(k[:, :batch])  # the rows' and the batch columns' shares of the block
@@ -583,7 +593,11 @@ def _mined_distance_sum_fwd(k, sq, rows, memory):
     # k_b = K_B + K_B^T its cross term sum_i x_i . (k_b x)_i is already twice K_B's.
     value = (jnp.sum(jnp.sum(rows * rows, axis=1) * row_sums) + jnp.sum(m_sums[:, 1])
              - jnp.sum(rows * q_b) - 2.0 * jnp.sum(rows * q_m))
-    return value, rows * row_sums[:, None] - q_b - q_m
+    return value, _rows_gradient(rows, row_sums, q_b, q_m)
+
+
+def _mined_distance_sum_fwd(k, sq, rows, memory):
+    return mined_gradient(k, rows, memory)
 
 
 def _mined_distance_sum_bwd(grad_rows, g):
@@ -614,6 +628,81 @@ def mined_distance_sum(k: jax.Array, sq: jax.Array, rows: jax.Array,
 
 
 mined_distance_sum.defvjp(_mined_distance_sum_fwd, _mined_distance_sum_bwd)
+
+
+# Entries per step of :func:`sparse_mined_gradient`'s loop over a row's mined entries.
+_SPARSE_STEP = 16
+
+
+def _gathered_products(index: jax.Array, k: jax.Array, entries: jax.Array,
+                       memory: jax.Array) -> jax.Array:
+    """``sum_e k[i, e] memory[index[i, e]]`` ``[b, D]`` over the first ``entries`` (a traced
+    int32, at most ``E``) of the ``[b, E]`` entries, the later ones 0. A loop over steps of
+    :data:`_SPARSE_STEP` entries, each a gather of ``[b, D]`` rows and a product-sum per
+    entry: at ``b = 1024``, ``D = 512``, 144 entries a row, 5.1 ms (5.6 in steps of 8) against
+    23 for the dense ``[b, 8192] @ [8192, D]`` product (a gather of ``[b, E, D]`` reduced over
+    ``E`` took 28). Holds two ``[b, D]`` buffers."""
+    width = index.shape[1]
+    padded = max(_SPARSE_STEP, -(-width // _SPARSE_STEP) * _SPARSE_STEP)
+    if padded > width:  # a step's slice must not be shifted back by the bound
+        pad = ((0, 0), (0, padded - width))
+        index, k = jnp.pad(index, pad), jnp.pad(k, pad)
+
+    def step(n, total):
+        at = jax.lax.dynamic_slice_in_dim(index, n * _SPARSE_STEP, _SPARSE_STEP, axis=1)
+        weight = jax.lax.dynamic_slice_in_dim(k, n * _SPARSE_STEP, _SPARSE_STEP, axis=1)
+        for e in range(_SPARSE_STEP):
+            total = total + weight[:, e, None] * memory.at[at[:, e]].get(
+                mode="promise_in_bounds")
+        return total
+
+    steps = (entries + _SPARSE_STEP - 1) // _SPARSE_STEP
+    zeros = jnp.zeros((index.shape[0], memory.shape[1]), memory.dtype)
+    return jax.lax.fori_loop(0, steps, step, zeros)
+
+
+def sparse_mined_gradient(k: jax.Array, cols: jax.Array, entries: jax.Array,
+                          rows: jax.Array, memory: jax.Array) -> jax.Array:
+    """The gradient for ``rows`` ``[B, D]`` of ``sum C_ij d_ij`` (``d`` the Euclidean distances
+    of the rows to the columns ``[rows; memory]``, the single-device view with a memory of
+    constant rows ``[M, D]``) when ``C`` is sparse: ``k = C / d`` ``[B, E]`` at the columns
+    ``cols`` ``[B, E]`` (repeated columns add up), nonzero only in the first ``entries`` (traced
+    int32) of each row: the semi-hard miner's few chosen pairs a row among ``B + M`` columns.
+
+    As :func:`mined_gradient`, ``sum_j k_ij (x_i - y_j)`` plus the batch columns' share
+    ``sum_a k_aj (x_j - x_a)``: the batch block scattered into a ``[B, B]`` array, with its
+    transpose, by one product; the memory's by gathered rows (:func:`_gathered_products`)
+    instead of a ``[B, M] @ [M, D]`` product. Holds a few ``[B, B]`` and ``[B, D]`` arrays.
+    """
+    batch = rows.shape[0]
+    in_batch = cols < batch
+    rows_at = jnp.arange(batch, dtype=jnp.int32)[:, None]
+    k_b = jnp.zeros((batch, batch), k.dtype).at[rows_at, jnp.where(in_batch, cols, 0)].add(
+        jnp.where(in_batch, k, 0.0), mode="promise_in_bounds")
+    k_b = transpose_sum(k_b)
+    k_m = jnp.where(in_batch, 0.0, k)
+    q_m = _gathered_products(jnp.where(in_batch, 0, cols - batch), k_m, entries, memory)
+    q_b = jnp.matmul(k_b, rows, precision=jax.lax.Precision.HIGHEST)
+    return _rows_gradient(rows, _row_sums(k_b) + _row_sums(k_m), q_b, q_m)
+
+
+def _value_with_gradient_fwd(value, rows, grad):
+    return value, grad
+
+
+def _value_with_gradient_bwd(grad, g):
+    return None, g * grad, None
+
+
+@jax.custom_vjp
+def value_with_gradient(value: jax.Array, rows: jax.Array, grad: jax.Array) -> jax.Array:
+    """``value`` (a float32 scalar computed from constants) with ``grad`` (``rows``' shape)
+    as its gradient for ``rows``: for a loss whose mining pass has the gradient at hand
+    (:func:`sparse_mined_gradient`). Neither ``value`` nor ``grad`` is differentiated."""
+    return value
+
+
+value_with_gradient.defvjp(_value_with_gradient_fwd, _value_with_gradient_bwd)
 
 
 def _memory_distances_of(batch, axis_name, normalize, squared, symmetric=False):

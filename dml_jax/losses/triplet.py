@@ -47,24 +47,30 @@ for a few hundred values). ``"all"``: a negative's count of active terms is the 
 thresholds above its bucket, a positive's the number of negatives in the buckets below it (one
 flat ``[b, W]`` scatter-add into a per-row ``[b, S + 1]`` histogram, then a cumulative sum).
 ``"semi_hard"``: the per-bucket minima (one scatter-min), whose reverse cumulative minimum is
-each positive's closest harder negative; the chosen negatives are marked by value (bucket
-minima, one gather), tied ones sharing the coefficient as in the slotted path (one more
-scatter-add counts the ties, one gather hands the coefficients back). The sorted slots' own
-values are added at their columns by one ``[b, S]`` scatter into the coefficient pass's output
-(:func:`~dml_jax.losses._windows.add_at_columns`): ``O(b S W)`` comparisons and ``O(b W)``
-scatters and gathers, a few ``[b, W]`` arrays, no ``[b, W]`` sort. Only an anchor whose two
-runs span more than 512 columns (a class with that many rows in the batch and memory), or
-columns not sorted by label, send the view to the sort-based path (``O(b W log W)``, several
-``[b, W]`` arrays). On one device (no ``axis_name``) the coefficient pass writes ``C / d``
-instead of ``C``, and :func:`~dml_jax.losses._batch.mined_distance_sum` takes the loss's value
-and gradient from the backward products: no ``[b, W]`` pass sums ``C * d`` or forms the
-distances' cotangent ``C / d``.
+each positive's closest harder negative; the chosen negatives' columns come from a second
+scatter-min, of the columns of the negatives at their bucket's minimum (one gather marks them),
+so an exactly tied chosen value gives its term's coefficient to one column (the first; the last
+at the farthest negative), as the sort-based path does, where the slotted paths share it. Its
+coefficients are then ``[b, 2 S]`` entries, each positive and its chosen negative. The sorted
+slots' own values (``"all"``) are added at their columns by one ``[b, S]`` scatter into the
+coefficient pass's output (:func:`~dml_jax.losses._windows.add_at_columns`): ``O(b S W)``
+comparisons and ``O(b W)`` scatters and gathers, a few ``[b, W]`` arrays, no ``[b, W]`` sort.
+Only an anchor whose two runs span more than 512 columns (a class with that many rows in the
+batch and memory), or columns not sorted by label, send the view to the sort-based path
+(``O(b W log W)``, several ``[b, W]`` arrays). On one device (no ``axis_name``) the loss's value
+and gradient come from the mining pass, with no ``[b, W]`` pass summing ``C * d`` or forming the
+distances' cotangent ``C / d``: ``"all"``'s coefficient pass writes ``C / d`` and
+:func:`~dml_jax.losses._batch.mined_distance_sum` runs the backward products;
+``"semi_hard"``'s value is a sum over its entries and its gradient reaches the memory's rows by
+gathers (:func:`~dml_jax.losses._batch.sparse_mined_gradient`), where its ``[b, W]``
+coefficients took a ``[b, M] @ [M, D]`` product.
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -547,12 +553,40 @@ def _all_bucketed(d, batch, margin, runs, slots, per_distance=False):
     return coef, n_active
 
 
-def _semi_hard_bucketed(d, batch, margin, runs, slots, per_distance=False):
+class _ChosenTerms(NamedTuple):
+    """The semi-hard terms of :func:`_semi_hard_bucketed` as ``E = 2 S`` entries a row: each
+    slot's positive, then its chosen negative.
+
+    Attributes:
+      cols: int32 ``[b, E]``, the entries' columns (repeated columns add up).
+      coef: float32 ``[b, E]``: ``C`` there, 1 for an active term's positive and -1 for its
+        negative, else 0.
+      dist: float32 ``[b, E]``: ``d`` there.
+      entries: int32 scalar: every entry past it is 0 in every row (2 x the most positives
+        a row has).
+      n_active: float32 scalar, the number of active terms.
+      value: float32 scalar, ``sum(C * d)`` (over the active terms, ``d_ap - d_an``).
+    """
+
+    cols: jax.Array
+    coef: jax.Array
+    dist: jax.Array
+    entries: jax.Array
+    n_active: jax.Array
+    value: jax.Array
+
+
+def _semi_hard_bucketed(d, batch, margin, runs, slots):
     """``"semi_hard"`` with an anchor's positives sorted in ``slots`` slots: each negative's
     bucket (how many positives are closer), per-bucket minima (a scatter-min), the closest
     harder negative of each positive as a reverse cumulative minimum over the buckets above
-    it. Ties as :func:`_semi_hard_slotted`. ``O(b S W)`` comparisons, two ``[b, W]``
-    scatters and two ``[b, W]`` gathers. ``per_distance``: as :func:`_all_bucketed`."""
+    it. The chosen negative's column comes from a second scatter-min, of the columns of the
+    negatives at their bucket's minimum: the first of exactly tied negatives (the farthest
+    negative, for a positive with no harder one: the last), as in the sort-based path
+    :func:`_semi_hard_sorted`. ``O(b S W)`` comparisons, two ``[b, W]`` scatters and one
+    ``[b, W]`` gather; the terms as :class:`_ChosenTerms` (``[b, 2 S]``), no ``[b, W]``
+    coefficient array."""
+    width = d.shape[1]
     d_ap, filled, cols = _pack_runs(d, batch, runs, slots)
     bucket, index = _counted_buckets(d_ap, d, strict=True)  # #positives with d_ap < d_an
     neg_d = jnp.where(batch.neg, d, jnp.inf)
@@ -560,30 +594,71 @@ def _semi_hard_bucketed(d, batch, margin, runs, slots, per_distance=False):
     # Negative n is harder than the j-th closest positive iff bucket[n] > j.
     closest = jax.lax.cummin(bucket_min, axis=1, reverse=True)[:, 1:]  # [b, S]
     found = jnp.isfinite(closest)
+    column = jnp.arange(width, dtype=jnp.int32)[None, :]
+    is_min = batch.neg & (d == _row_gather(bucket_min, bucket))  # [b, W]
+    first_at_min = _row_buckets("min", jnp.where(is_min, column, width), index, slots + 1,
+                                width)  # [b, S + 1]: the first column at each bucket's min
     farthest = jnp.max(jnp.where(batch.neg, d, -jnp.inf), axis=1)  # [b]
+    last_farthest = jnp.max(jnp.where(batch.neg & (d == farthest[:, None]), column, 0), axis=1)
     d_an = jnp.where(found, closest, farthest[:, None])
     has_neg = batch.neg_count[:, None] > 0  # sum(neg, 1), counted from the labels
     active = filled & has_neg & (d_ap - d_an + margin > 0)  # [b, S]
-    # The chosen negatives by value, as in `_semi_hard_slotted`: a closest value is its
-    # bucket's minimum, and every negative tied with it lies in that bucket.
-    is_min = batch.neg & (d == _row_gather(bucket_min, bucket))  # [b, W]
-    ties = _row_buckets("add", is_min.astype(jnp.int32), index, slots + 1, 0)
-    target = jnp.where(found, _searchsorted_rows(d_ap, closest, side="left"), slots)
-    w_close = jnp.where(active & found, 1.0, 0.0) / jnp.maximum(
-        jnp.take_along_axis(ties, target, axis=1), 1
+    # A closest value is its bucket's minimum: bucket #(d_ap < value).
+    target = _searchsorted_rows(d_ap, jnp.where(found, closest, 0.0), side="left")
+    neg_cols = jnp.where(found, jnp.take_along_axis(first_at_min, target, axis=1),
+                         last_farthest[:, None])
+    neg_cols = jnp.minimum(neg_cols, width - 1)  # in range where the term is inactive
+    sign = active.astype(jnp.float32)
+
+    def interleave(a, b):  # [b, S] each -> [b, 2 S]: slot s's positive, then its negative
+        return jnp.stack([a, b], axis=2).reshape(a.shape[0], -1)
+
+    return _ChosenTerms(
+        cols=interleave(cols, neg_cols), coef=interleave(sign, -sign),
+        dist=interleave(jnp.where(filled, d_ap, 0.0), d_an),
+        entries=2 * jnp.max(jnp.sum(filled, axis=1, dtype=jnp.int32)),
+        n_active=jnp.sum(sign), value=jnp.sum(jnp.where(active, d_ap - d_an, 0.0)),
     )
-    per_bucket = _windows.scatter_rows(w_close, target, slots + 1)
-    hit_far = batch.neg & (d == farthest[:, None])
-    w_far = jnp.sum(jnp.where(active & ~found, 1.0, 0.0), axis=1) / jnp.maximum(
-        jnp.sum(hit_far, axis=1), 1
+
+
+def _semi_hard_bucketed_dense(d, batch, margin, runs, slots):
+    """:func:`_semi_hard_bucketed`'s terms as ``(C [b, W], n_active, sum(C * d))``, ``C`` one
+    ``[b, 2 S]`` scatter into zeros."""
+    terms = _semi_hard_bucketed(d, batch, margin, runs, slots)
+    coef = _windows.scatter_rows(terms.coef, terms.cols, d.shape[1])
+    return coef, terms.n_active, terms.value
+
+
+def _semi_hard_memory(d, batch, margin, rows, memory):
+    """The single-device semi-hard total with a memory, ``sum over active terms of (d_ap -
+    d_an + margin)``, and its gradient for ``rows``: the bucketed miner's few terms a row
+    (:func:`_semi_hard_bucketed`) reach the memory's rows by gathers
+    (:func:`~dml_jax.losses._batch.sparse_mined_gradient`), where a dense coefficient array
+    would take a ``[b, W] @ [W, D]`` product; the sort-based fallback's dense ``C / d`` its
+    products (:func:`~dml_jax.losses._batch.mined_gradient`). ``d`` ``[b, W]`` constant;
+    ``rows`` ``[B, D]``; ``memory`` ``[M, D]`` constant."""
+    split = d.shape[1] - memory.shape[0]
+    points = jax.lax.stop_gradient(rows)
+    runs, index = _windows.run_choice(  # len(sizes) -> the fallback
+        batch.row_labels, batch.row_valid, batch.col_labels, batch.col_valid, split,
+        _windows.RUN_SIZES,
     )
-    neg_coef = jnp.where(is_min, _row_gather(per_bucket, bucket), 0.0)
-    neg_coef = neg_coef + w_far[:, None] * hit_far
-    active = active.astype(jnp.float32)
-    n_active = jnp.sum(active)
-    if per_distance:
-        neg_coef, active = _batch.over_distances(neg_coef, d), _batch.over_distances(active, d_ap)
-    return _windows.add_at_columns(-neg_coef, cols, active), n_active  # as "all"
+
+    def bucketed(d, b, runs, slots):
+        terms = _semi_hard_bucketed(d, b, margin, runs, slots)
+        k = _batch.over_distances(terms.coef, terms.dist)
+        grad = _batch.sparse_mined_gradient(k, terms.cols, terms.entries, points, memory)
+        return terms.value, grad, terms.n_active
+
+    def fallback(d, b, runs):
+        coef, active = _by_row_chunks(_semi_hard_sorted, d, b, margin)
+        value, grad = _batch.mined_gradient(_batch.over_distances(coef, d), points, memory)
+        return value, grad, active
+
+    branches = [functools.partial(bucketed, slots=s) for s in _windows.RUN_SIZES]
+    value, grad, active = jax.lax.switch(index, [*branches, fallback],
+                                         jax.lax.stop_gradient(d), batch, runs)
+    return _batch.value_with_gradient(value, rows, grad) + margin * active
 
 
 def _by_row_chunks(fallback, d, batch, margin):
@@ -644,7 +719,8 @@ def _mined_total(d, batch, margin, slotted, fallback, bucketed=None, symmetric=F
         runs, index = _windows.run_choice(  # len(sizes) -> the fallback
             batch.row_labels, batch.row_valid, batch.col_labels, batch.col_valid, split, sizes
         )
-        branches = [lambda d, b, runs, s=s: bucketed(d, b, margin, runs, s, mined_sum is not None)
+        extra = {} if mined_sum is None else {"per_distance": True}
+        branches = [lambda d, b, runs, s=s: bucketed(d, b, margin, runs, s, **extra)
                     for s in sizes]
         where_from = runs
     else:
@@ -712,10 +788,14 @@ def _all_triplets(d, batch, margin, symmetric=False, mined_sum=None):
 
 
 def _semi_hard(d, batch, margin, symmetric=False, mined_sum=None):
-    total = _mined_total(
-        d, batch, margin, _semi_hard_slotted, _semi_hard_sorted, _semi_hard_bucketed,
-        symmetric=symmetric, mined_sum=mined_sum,
-    )
+    if mined_sum is not None:
+        _, rows, memory = mined_sum  # the squared distances: d^2
+        total = _semi_hard_memory(d, batch, margin, rows, memory)
+    else:
+        total = _mined_total(
+            d, batch, margin, _semi_hard_slotted, _semi_hard_sorted,
+            _semi_hard_bucketed_dense, symmetric=symmetric,
+        )
     count = jnp.sum(jnp.where(batch.neg_count > 0, batch.pos_count, 0.0))
     return total, count
 

@@ -220,6 +220,52 @@ def test_mined_distance_sum_against_autodiff(integer):
     np.testing.assert_array_equal(g1[1], 0.0)
 
 
+@pytest.mark.parametrize("width,entries", [(9, 9), (20, 13), (32, 32), (40, 7), (0, 0)])
+def test_sparse_mined_gradient_against_autodiff(width, entries):
+    """``sparse_mined_gradient`` (semi-hard's gradient with a memory) and
+    ``value_with_gradient`` against autodiff of ``sum C_ij d_ij`` with ``C`` given as
+    ``[b, E]`` entries: batch and memory columns, a column repeated in a row (its entries add
+    up), zero entries, entry counts below ``E`` (the later entries 0) and widths that are no
+    multiple of the loop's step. The memory gets no gradient. (A row's own column, which no
+    miner gives, is left out: its distance comes out of the expansion as rounding, as in
+    ``test_mined_distance_sum_against_autodiff``.)"""
+    rng = np.random.default_rng(width)
+    b, m, dim = 10, 12, 5
+    x = jnp.asarray(rng.normal(size=(b, dim)), jnp.float32)
+    memory = jnp.asarray(rng.normal(size=(m, dim)), jnp.float32)
+    cols = rng.integers(0, b + m - 1, size=(b, width)).astype(np.int32)
+    cols += cols >= np.arange(b)[:, None]  # never the row itself
+    coef = rng.normal(size=(b, width)).astype(np.float32)
+    coef[:, entries:] = 0.0
+    if width:
+        coef[rng.random((b, width)) < 0.2] = 0.0
+        cols[:, -1] = cols[:, 0]  # repeated columns
+    cols, coef = jnp.asarray(cols), jnp.asarray(coef)
+    dense = jnp.zeros((b, b + m)).at[jnp.arange(b)[:, None], cols].add(coef)
+
+    def plain(x, mem):
+        return jnp.sum(dense * jnp.sqrt(jnp.maximum(
+            _batch.augmented_squared_distances(x, x, mem), 1e-30)))
+
+    def sparse(x, mem):
+        sq = jax.lax.stop_gradient(_batch.augmented_squared_distances(x, x, mem))
+        d = distances.safe_sqrt(sq)
+        dist = jnp.take_along_axis(d, cols, axis=1)
+        k = _batch.over_distances(coef, dist)
+        grad = _batch.sparse_mined_gradient(k, cols, jnp.int32(entries),
+                                            jax.lax.stop_gradient(x), mem)
+        return _batch.value_with_gradient(jnp.sum(coef * dist), x, grad)
+
+    (v1, g1), (v2, g2) = (jax.value_and_grad(f, argnums=(0, 1))(x, memory)
+                          for f in (sparse, plain))
+    np.testing.assert_allclose(v1, v2, rtol=1e-5, atol=1e-6)
+    scale = max(float(np.abs(np.asarray(g2[0])).max()), 1e-6)
+    np.testing.assert_allclose(g1[0], g2[0], rtol=1e-5, atol=1e-5 * scale)
+    np.testing.assert_array_equal(g1[1], 0.0)
+    if entries:
+        assert np.abs(np.asarray(g2[0])).max() > 0.1
+
+
 def test_row_logsumexp_gives_the_points_the_plain_gradient():
     """Its symmetric cotangent against autodiff of the plain masked log-sum-exp, through a
     symmetric function of the points; one row without a masked entry (NEG_LARGE, zero

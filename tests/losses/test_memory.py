@@ -261,34 +261,52 @@ def _nan_branch(d, *args, **kwargs):
     return jnp.full(d.shape, jnp.nan), jnp.float32(jnp.nan)
 
 
+def _nan_terms(d, batch, margin, runs, slots):
+    """A NaN stand-in for ``_semi_hard_bucketed``, which gives its terms as entries."""
+    from dml_jax.losses import triplet
+
+    nan = jnp.full((d.shape[0], 2 * slots), jnp.nan)
+    return triplet._ChosenTerms(
+        cols=jnp.zeros(nan.shape, jnp.int32), coef=nan, dist=nan, entries=jnp.int32(2),
+        n_active=jnp.float32(jnp.nan), value=jnp.float32(jnp.nan))
+
+
+def _nan_stand_in(name):
+    return _nan_terms if name == "_semi_hard_bucketed" else _nan_branch
+
+
 def force_triplet_branch(monkeypatch, mining, branch):
     """Leaves only ``branch`` ("slotted", "bucketed" or "sorted") of the ``mining`` miner."""
     from dml_jax.losses import _windows, triplet
 
     for name in TRIPLET_PATHS[mining]:
         if not name.endswith(branch):
-            monkeypatch.setattr(triplet, name, _nan_branch)
+            monkeypatch.setattr(triplet, name, _nan_stand_in(name))
     # Slot bounds that send every test view (some row has a positive) to ``branch``.
     monkeypatch.setattr(_windows, "SLOT_SIZES", (128,) if branch == "slotted" else (0,))
     monkeypatch.setattr(_windows, "RUN_SIZES", (128,) if branch == "bucketed" else (0,))
 
 
 def mined_triplet(x, y, state, where, *, as_plain_columns=False, sort_by_label=True,
-                  **kwargs):
+                  dense_coefficients=False, **kwargs):
     """``triplet_loss`` without its jit cache (so patched branches are traced).
 
     ``as_plain_columns``: the miner is not told which columns are the memory's (its
     ``[b, B + M]`` view is mined as plain columns, and summed as ``sum(C * d)``), which sends
-    it to the slotted paths: a memory view otherwise always takes the bucketed one."""
+    it to the slotted paths: a memory view otherwise always takes the bucketed one.
+    ``dense_coefficients``: the memory view's miners give ``[b, B + M]`` coefficients summed as
+    ``sum(C * d)``, the form they take under ``axis_name``, instead of the single-device
+    gradient from their mining pass."""
     from dml_jax.losses import _batch, triplet
     from dml_jax.losses.memory import with_memory
 
     batch = _batch.pair_batch(x, y, where, None, sort_by_label=sort_by_label)
     batch = with_memory(batch, state, sort_by_label=sort_by_label)
-    if not as_plain_columns:
+    if not (as_plain_columns or dense_coefficients):
         return triplet.triplet_of_view(batch, axis_name=None, **kwargs)
     d = _batch.distances_of(batch, None)
-    batch = batch._replace(memory=batch.memory[:0])
+    if as_plain_columns:
+        batch = batch._replace(memory=batch.memory[:0])
     return triplet.triplet_from_distances(d, batch, axis_name=None, **kwargs)
 
 
@@ -322,7 +340,8 @@ def test_a_memory_view_not_sorted_by_label_takes_the_fallback(mining, monkeypatc
     # fallback must give the reference.
     from dml_jax.losses import triplet
 
-    monkeypatch.setattr(triplet, TRIPLET_PATHS[mining][1], _nan_branch)
+    monkeypatch.setattr(triplet, TRIPLET_PATHS[mining][1],
+                        _nan_stand_in(TRIPLET_PATHS[mining][1]))
     state, (mem_e, mem_y, valid, _) = memory_for("big_class")
     entries = refm.memory_entries(mem_e, mem_y, valid)
     e, y, where = loss_batch()
@@ -352,24 +371,33 @@ def tied_memory():
 @pytest.mark.parametrize("margin", [0.3, 1.0, -0.2])
 @pytest.mark.parametrize("mining", ["all", "semi_hard"])
 def test_triplet_branches_agree_on_ties(mining, margin, monkeypatch):
-    """Exactly tied negatives share the coefficient in the bucketed path as in the slotted
-    one (the reference's gradient is undefined at such ties: the paths are compared)."""
+    """Exactly tied negatives: "all"'s bucketed path shares the coefficient among them as the
+    slotted one does; semi-hard's gives each term's to one of them, the first column at a
+    closest value and the last at the farthest, as the sort-based path does, both in its
+    single-device form (the sparse gradient) and as dense coefficients (the form it takes
+    under ``axis_name``). The reference's gradient is undefined at such ties: the paths are
+    compared."""
     state, (mem_e, mem_y, valid, _) = tied_memory()
     entries = refm.memory_entries(mem_e, mem_y, valid)
     e, y, where = loss_batch()
     kwargs = {"mining": mining, "margin": margin}
+    partner = "slotted" if mining == "all" else "sorted"
     out = {}
-    for branch in ("slotted", "bucketed"):
+    for branch, dense in (("bucketed", False), ("bucketed", True), (partner, False)):
         with monkeypatch.context() as patch:
             force_triplet_branch(patch, mining, branch)
             plain = branch == "slotted"
-            out[branch] = jax.value_and_grad(lambda x, plain=plain: mined_triplet(
-                x, y, state, where, as_plain_columns=plain, **kwargs))(e)
-    np.testing.assert_allclose(out["bucketed"][0], out["slotted"][0], rtol=1e-6)
-    np.testing.assert_allclose(out["bucketed"][1], out["slotted"][1], rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(out["bucketed"][0],
-                               refm.triplet(e, y, entries, where=where, **kwargs), **VALUE_TOL)
-    assert np.all(np.isfinite(out["bucketed"][1]))
+            out[branch, dense] = jax.value_and_grad(lambda x, plain=plain, dense=dense: (
+                mined_triplet(x, y, state, where, as_plain_columns=plain,
+                              dense_coefficients=dense, **kwargs)))(e)
+    expected = out[partner, False]
+    for dense in (False, True):
+        value, grad = out["bucketed", dense]
+        np.testing.assert_allclose(value, expected[0], rtol=1e-6)
+        np.testing.assert_allclose(grad, expected[1], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(value, refm.triplet(e, y, entries, where=where, **kwargs),
+                                   **VALUE_TOL)
+        assert np.all(np.isfinite(grad))
 
 
 @pytest.mark.parametrize("mining", ["all", "semi_hard"])
