@@ -598,10 +598,19 @@ def _semi_hard_bucketed(d, batch, margin, runs, slots):
     is_min = batch.neg & (d == _row_gather(bucket_min, bucket))  # [b, W]
     first_at_min = _row_buckets("min", jnp.where(is_min, column, width), index, slots + 1,
                                 width)  # [b, S + 1]: the first column at each bucket's min
-    farthest = jnp.max(jnp.where(batch.neg, d, -jnp.inf), axis=1)  # [b]
-    last_farthest = jnp.max(jnp.where(batch.neg & (d == farthest[:, None]), column, 0), axis=1)
-    d_an = jnp.where(found, closest, farthest[:, None])
     has_neg = batch.neg_count[:, None] > 0  # sum(neg, 1), counted from the labels
+
+    def farthest_negatives(_):  # [b] each: the farthest negative's distance and last column
+        far = jnp.max(jnp.where(batch.neg, d, -jnp.inf), axis=1)
+        return far, jnp.max(jnp.where(batch.neg & (d == far[:, None]), column, 0), axis=1)
+
+    def unused(_):
+        return jnp.full(d.shape[:1], -jnp.inf), jnp.zeros(d.shape[:1], jnp.int32)
+
+    # Only a positive with no harder negative takes the farthest (rare: two [b, W] passes).
+    farthest, last_farthest = jax.lax.cond(jnp.any(filled & ~found & has_neg),
+                                           farthest_negatives, unused, None)
+    d_an = jnp.where(found, closest, farthest[:, None])
     active = filled & has_neg & (d_ap - d_an + margin > 0)  # [b, S]
     # A closest value is its bucket's minimum: bucket #(d_ap < value).
     target = _searchsorted_rows(d_ap, jnp.where(found, closest, 0.0), side="left")
