@@ -600,16 +600,11 @@ def _semi_hard_bucketed(d, batch, margin, runs, slots):
                                 width)  # [b, S + 1]: the first column at each bucket's min
     has_neg = batch.neg_count[:, None] > 0  # sum(neg, 1), counted from the labels
 
-    def farthest_negatives(_):  # [b] each: the farthest negative's distance and last column
-        far = jnp.max(jnp.where(batch.neg, d, -jnp.inf), axis=1)
-        return far, jnp.max(jnp.where(batch.neg & (d == far[:, None]), column, 0), axis=1)
-
-    def unused(_):
-        return jnp.full(d.shape[:1], -jnp.inf), jnp.zeros(d.shape[:1], jnp.int32)
-
-    # Only a positive with no harder negative takes the farthest (rare: two [b, W] passes).
-    farthest, last_farthest = jax.lax.cond(jnp.any(filled & ~found & has_neg),
-                                           farthest_negatives, unused, None)
+    # Only a positive with no harder negative takes the farthest negative: a few rows of a
+    # random batch (each positive is its row's farthest candidate with odds 1 in W), fewer
+    # in a trained one. Those rows are done one at a time.
+    needs = jnp.any(filled & ~found & has_neg, axis=1)  # [b]
+    farthest, last_farthest = _farthest_negatives(d, batch.neg, needs)
     d_an = jnp.where(found, closest, farthest[:, None])
     active = filled & has_neg & (d_ap - d_an + margin > 0)  # [b, S]
     # A closest value is its bucket's minimum: bucket #(d_ap < value).
@@ -628,6 +623,40 @@ def _semi_hard_bucketed(d, batch, margin, runs, slots):
         entries=2 * jnp.max(jnp.sum(filled, axis=1, dtype=jnp.int32)),
         n_active=jnp.sum(sign), value=jnp.sum(jnp.where(active, d_ap - d_an, 0.0)),
     )
+
+
+def _farthest_negatives(d, neg, needs):
+    """Each row's farthest negative in ``d`` ``[b, W]`` (``neg`` ``[b, W]``), its distance
+    ``[b]`` and the last column at it ``[b]``, for the rows where ``needs`` ``[b]`` (the
+    others: ``-inf`` and 0): a ``[W]`` pass per such row, one at a time, up to
+    :func:`_tied_row_limit` of them (else two ``[b, W]`` passes and their reductions, 4-5 ms
+    at ``[1024, 9216]``)."""
+    rows, width = d.shape
+    column = jnp.arange(width, dtype=jnp.int32)
+    count = jnp.sum(needs, dtype=jnp.int32)
+    limit = _tied_row_limit(rows)
+
+    def farthest_of(d, neg):  # over the last axis
+        far = jnp.max(jnp.where(neg, d, -jnp.inf), axis=-1)
+        last = jnp.max(jnp.where(neg & (d == far[..., None]), column, 0), axis=-1)
+        return far, last
+
+    def every_row(_):
+        far, last = farthest_of(d, neg)
+        return jnp.where(needs, far, -jnp.inf), jnp.where(needs, last, 0)
+
+    def row_by_row(_):
+        picked = jnp.nonzero(needs, size=max(limit, 1), fill_value=0)[0]
+
+        def add_row(i, out):
+            a = picked[i]
+            far, last = farthest_of(d[a], neg[a])
+            return out[0].at[a].set(far), out[1].at[a].set(last)
+
+        start = (jnp.full((rows,), -jnp.inf), jnp.zeros((rows,), jnp.int32))
+        return jax.lax.fori_loop(0, count, add_row, start)
+
+    return jax.lax.cond(count <= limit, row_by_row, every_row, None)
 
 
 def _semi_hard_bucketed_dense(d, batch, margin, runs, slots):

@@ -333,6 +333,31 @@ def test_forced_triplet_branches_match_loop_reference(mining, margin, branch, me
     assert np.all(np.asarray(grad)[~where] == 0)
 
 
+@pytest.mark.parametrize("limit", [0, 100])
+def test_semi_hard_farthest_negatives_row_by_row_and_whole(limit, monkeypatch):
+    """Bucketed semi-hard takes the farthest negative only in the rows where a positive has no
+    harder one, one row at a time up to a limit (100: every row here) and past it (0) in
+    whole-batch passes: both give the loop reference's value and gradient, and some row of
+    this memory needs it (the farthest's distance is what decides its terms)."""
+    from dml_jax.losses import triplet
+
+    monkeypatch.setattr(triplet, "_tied_row_limit", lambda rows: limit)
+    force_triplet_branch(monkeypatch, "semi_hard", "bucketed")
+    state, (mem_e, mem_y, valid, _) = memory_for("big_class")
+    entries = refm.memory_entries(mem_e, mem_y, valid)
+    e, y, where = loss_batch()
+    kwargs = {"mining": "semi_hard", "margin": 1.0}
+    value, grad = jax.value_and_grad(lambda x: mined_triplet(x, y, state, where, **kwargs))(e)
+    np.testing.assert_allclose(value, refm.triplet(e, y, entries, where=where, **kwargs),
+                               **VALUE_TOL)
+    expected_grad = ref.numerical_grad(
+        lambda x: refm.triplet(x, y, entries, where=where, **kwargs), e)
+    np.testing.assert_allclose(grad, expected_grad, **GRAD_TOL)
+    monkeypatch.setattr(triplet, "_farthest_negatives", lambda d, neg, needs: (
+        jnp.full(needs.shape, 1e3), jnp.zeros(needs.shape, jnp.int32)))
+    assert abs(float(mined_triplet(e, y, state, where, **kwargs)) - float(value)) > 1e-3
+
+
 @pytest.mark.parametrize("mining", ["all", "semi_hard"])
 def test_a_memory_view_not_sorted_by_label_takes_the_fallback(mining, monkeypatch):
     # The bucketed path finds each anchor's positives from the label-sorted columns; on a view
