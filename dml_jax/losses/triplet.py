@@ -682,20 +682,27 @@ def _semi_hard_memory(d, batch, margin, rows, memory):
         _windows.RUN_SIZES,
     )
 
+    def with_masks(b):  # the masks as expressions of the labels inside each branch: as
+        # the switch's operands they were two materialised [b, W] arrays
+        pos, neg = _batch.pair_masks(b.row_labels, b.row_valid, b.row_ids, b.col_labels,
+                                     b.col_valid, b.col_ids)
+        return b._replace(pos=pos, neg=neg)
+
     def bucketed(d, b, runs, slots):
-        terms = _semi_hard_bucketed(d, b, margin, runs, slots)
+        terms = _semi_hard_bucketed(d, with_masks(b), margin, runs, slots)
         k = _batch.over_distances(terms.coef, terms.dist)
         grad = _batch.sparse_mined_gradient(k, terms.cols, terms.entries, points, memory)
         return terms.value, grad, terms.n_active
 
     def fallback(d, b, runs):
-        coef, active = _by_row_chunks(_semi_hard_sorted, d, b, margin)
+        coef, active = _by_row_chunks(_semi_hard_sorted, d, with_masks(b), margin)
         value, grad = _batch.mined_gradient(_batch.over_distances(coef, d), points, memory)
         return value, grad, active
 
     branches = [functools.partial(bucketed, slots=s) for s in _windows.RUN_SIZES]
     value, grad, active = jax.lax.switch(index, [*branches, fallback],
-                                         jax.lax.stop_gradient(d), batch, runs)
+                                         jax.lax.stop_gradient(d),
+                                         batch._replace(pos=None, neg=None), runs)
     return _batch.value_with_gradient(value, rows, grad) + margin * active
 
 
