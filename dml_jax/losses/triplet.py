@@ -653,7 +653,8 @@ def _farthest_negatives(d, neg, needs):
             far, last = farthest_of(d[a], neg[a])
             return out[0].at[a].set(far), out[1].at[a].set(last)
 
-        start = (jnp.full((rows,), -jnp.inf), jnp.zeros((rows,), jnp.int32))
+        # like `needs` (under shard_map, typed as varying across devices, as the rows are)
+        start = (jnp.full_like(needs, -jnp.inf, jnp.float32), jnp.zeros_like(needs, jnp.int32))
         return jax.lax.fori_loop(0, count, add_row, start)
 
     return jax.lax.cond(count <= limit, row_by_row, every_row, None)
