@@ -698,7 +698,8 @@ def _value_with_gradient_bwd(grad, g):
 def value_with_gradient(value: jax.Array, rows: jax.Array, grad: jax.Array) -> jax.Array:
     """``value`` (a float32 scalar computed from constants) with ``grad`` (``rows``' shape)
     as its gradient for ``rows``: for a loss whose mining pass has the gradient at hand
-    (:func:`sparse_mined_gradient`). Neither ``value`` nor ``grad`` is differentiated."""
+    (:func:`sparse_mined_gradient`; a miner's coefficients as the gradient of a sum it took
+    from its slots). Neither ``value`` nor ``grad`` is differentiated."""
     return value
 
 
