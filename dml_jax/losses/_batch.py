@@ -566,11 +566,12 @@ def memory_distances(
 memory_distances.defvjp(_memory_distances_fwd, _memory_distances_bwd)
 
 
-def _rows_gradient(rows: jax.Array, row_sums: jax.Array, *products: jax.Array) -> jax.Array:
-    """``sum_j k_ij (x_i - y_j)`` as ``x_i r_i - sum of products``: the rows' gradient of
-    ``sum_ij C_ij d_ij`` (``k = C / d``) from ``k``'s row sums ``r`` ``[B]`` and its products
-    with the columns ``[B, D]`` each."""
-    return rows * row_sums[:, None] - functools.reduce(jnp.add, products)
+def _rows_gradient(rows: jax.Array, row_sums: jax.Array, q_b: jax.Array,
+                   q_m: jax.Array) -> jax.Array:
+    """``sum_j k_ij (x_i - y_j)`` as ``x_i r_i - q_b - q_m``: the rows' gradient of ``sum_ij
+    C_ij d_ij`` (``k = C / d``) from ``k``'s row sums ``r`` ``[B]`` and its products with the
+    batch columns and with the memory, ``[B, D]`` each."""
+    return rows * row_sums[:, None] - q_b - q_m
 
 
 def mined_gradient(k: jax.Array, rows: jax.Array,

@@ -756,7 +756,7 @@ def _mined_total(d, batch, margin, slotted, fallback, bucketed=None, symmetric=F
     constant, ``sqrt(sq)``): the miners give ``C / d`` and the sum is
     :func:`~dml_jax.losses._batch.mined_distance_sum`'s of those, whose gradient reaches
     ``rows``. Otherwise a miner may give ``sum(C * d)`` as a third output, from its slots
-    (:func:`_coefficient_sum`); the others' is a ``[b, W]`` reduction.
+    (:func:`_valued`); the others' is a ``[b, W]`` reduction.
     """
     const = jax.lax.stop_gradient(d)
     split = d.shape[1] - batch.memory.shape[0]  # the batch columns; the memory's after
@@ -765,9 +765,9 @@ def _mined_total(d, batch, margin, slotted, fallback, bucketed=None, symmetric=F
         runs, index = _windows.run_choice(  # len(sizes) -> the fallback
             batch.row_labels, batch.row_valid, batch.col_labels, batch.col_valid, split, sizes
         )
-        extra = {} if mined_sum is None else {"per_distance": True}
-        branches = [lambda d, b, runs, s=s: bucketed(d, b, margin, runs, s, **extra)
-                    for s in sizes]
+        if mined_sum is not None:  # the miners write C / d (only "all" comes here so)
+            bucketed = functools.partial(bucketed, per_distance=True)
+        branches = [lambda d, b, runs, s=s: bucketed(d, b, margin, runs, s) for s in sizes]
         where_from = runs
     else:
         where_from = _windows.first_same_label(batch)  # the first positives
@@ -790,7 +790,10 @@ def _mined_total(d, batch, margin, slotted, fallback, bucketed=None, symmetric=F
         return _batch.mined_distance_sum(coef, *mined_sum) + margin * active
     coef, active, value = jax.lax.switch(index, [_valued(b) for b in branches], const, batch,
                                          where_from)
-    return _coefficient_sum(coef, d, value) + margin * active
+    # `value`, which the miners vouch is sum(C * d), with that sum's gradient C: a miner that
+    # has the sum from its [b, S] slots spares the [b, W] reduction (in-batch semi-hard at
+    # B = 1024: 0.984x the step, A/B).
+    return _batch.value_with_gradient(value, d, coef) + margin * active
 
 
 def _valued(miner):
@@ -802,14 +805,6 @@ def _valued(miner):
         return out if len(out) == 3 else (*out, jnp.sum(out[0] * d))
 
     return run
-
-
-def _coefficient_sum(coef: jax.Array, d: jax.Array, value: jax.Array) -> jax.Array:
-    """``value``, which the caller vouches is ``sum(coef * d)``, with that sum's gradient
-    ``coef`` ``[b, W]`` for the distances ``d`` (the mined coefficients held constant): a
-    miner that has the sum from its ``[b, S]`` slots spares the ``[b, W]`` reduction (in-batch
-    semi-hard at ``B = 1024``: 0.984x the step, A/B)."""
-    return _batch.value_with_gradient(value, d, coef)
 
 
 def _all_triplets(d, batch, margin, symmetric=False, mined_sum=None):

@@ -258,9 +258,11 @@ def test_sparse_mined_gradient_against_autodiff(width, entries):
 
     (v1, g1), (v2, g2) = (jax.value_and_grad(f, argnums=(0, 1))(x, memory)
                           for f in (sparse, plain))
-    np.testing.assert_allclose(v1, v2, rtol=1e-5, atol=1e-6)
+    # float32 rounding, measured: the value to 6.1e-7 of itself, the gradient to 2.1e-7 of
+    # its largest entry
+    np.testing.assert_allclose(v1, v2, rtol=2e-6)
     scale = max(float(np.abs(np.asarray(g2[0])).max()), 1e-6)
-    np.testing.assert_allclose(g1[0], g2[0], rtol=1e-5, atol=1e-5 * scale)
+    np.testing.assert_allclose(g1[0], g2[0], rtol=1e-6, atol=1e-6 * scale)
     np.testing.assert_array_equal(g1[1], 0.0)
     if entries:
         assert np.abs(np.asarray(g2[0])).max() > 0.1
