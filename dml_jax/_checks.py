@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import math
 from collections.abc import Callable
 
 import jax
@@ -79,21 +78,36 @@ def any_nonfinite(x: jax.typing.ArrayLike, where: jax.typing.ArrayLike | None = 
     """Whether any entry of ``x`` ``[B, ...]`` in a row whose ``where`` ``[B]`` is True (every
     row when ``where`` is None) is NaN or inf; a bool scalar without gradient.
 
-    Non-float ``x`` (labels, masks) is never non-finite. Computed as a float sum of ``x - x``,
-    which is NaN exactly when a summed entry is NaN or inf: one vectorised reduction, where
-    ``any(~isfinite(x))`` materialises a ``[B, ...]`` bool array first (twice the time on CPU).
+    Non-float ``x`` (labels, masks) is never non-finite. First the sum of the squared entries
+    of the rows (``where`` False rows set to 0, float32): finite exactly when every entry is
+    finite, unless a square overflows. Only when it is not finite does a ``lax.cond`` take the
+    exact check (a float sum of ``x - x``, NaN exactly when an entry is NaN or inf). The
+    squares are the expression the losses' norms compute (:func:`mask_rows` of the float32
+    rows, then ``sum(x * x, axis=-1)``), which XLA computes once for both: the guard then adds
+    no pass over ``x`` of its own.
     """
     x = jnp.asarray(x)
     if not jnp.issubdtype(x.dtype, jnp.inexact):
         return jnp.zeros((), jnp.bool_)
-    x = jax.lax.stop_gradient(x)
-    zeros = x - x  # 0, or NaN where x is not finite (no constant operand to materialise)
+    x = jax.lax.stop_gradient(x).astype(jnp.float32)
     if where is not None and x.ndim >= 1:
         where = jnp.asarray(where, jnp.bool_)
         if where.shape == x.shape[:1]:
-            per_row = jnp.sum(zeros.reshape(x.shape[0], math.prod(x.shape[1:])), axis=1)
-            return jnp.isnan(jnp.sum(jnp.where(where, per_row, 0.0)))
-    return jnp.isnan(jnp.sum(zeros))
+            x = mask_rows(x, where)
+    squares = jnp.sum(x * x, axis=-1) if x.ndim else x * x
+    # A max, not a sum: XLA would merge two sums into one reduction of the squares, which
+    # then could no longer be shared with the loss's norms.
+    finite = jnp.isfinite(jnp.max(squares))
+    # The first branch returns ``~finite`` (False there), not a constant: under shard_map both
+    # branches must vary over the same mesh axes as ``x``.
+    return jax.lax.cond(finite, lambda v, f: ~f, lambda v, f: _exact_nonfinite(v), x, finite)
+
+
+def _exact_nonfinite(x: jax.Array) -> jax.Array:
+    """Whether any entry of ``x`` is NaN or inf: a float sum of ``x - x`` (0, or NaN where an
+    entry is not finite; one vectorised reduction, where ``any(~isfinite(x))`` materialises a
+    bool array first, twice the time on CPU)."""
+    return jnp.isnan(jnp.sum(x - x))
 
 
 def propagate_nonfinite(*, rows: tuple[str, ...] = ("embeddings",),

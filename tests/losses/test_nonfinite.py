@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dml_jax import losses
+from dml_jax import _checks, losses
 from tests._subprocess import run_with_devices
 from tests.losses import cases
 
@@ -116,6 +116,42 @@ def test_nonfinite_logits_and_centers_give_a_nonfinite_loss():
         v0 = fn(e, y, np.where(where[:, None], logits, 0.0), where=where)
         np.testing.assert_allclose(float(v), float(v0), rtol=1e-6)  # differently fused
         assert np.all(np.isfinite(np.asarray(g)))
+
+
+def test_any_nonfinite_is_exact_when_squares_overflow():
+    # The guard first looks at the rows' sums of squares and takes the exact check only when
+    # one is not finite: a finite row whose squares overflow (1e30) must not be flagged.
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(6, 5)).astype(np.float32)
+    where = np.array([True, True, False, True, True, True])
+
+    def flags(a, w=None):
+        return bool(jax.jit(_checks.any_nonfinite)(a, w))
+
+    assert not flags(x) and not flags(x, where)
+    huge = x.copy()
+    huge[1] *= 1e30
+    assert not flags(huge) and not flags(huge, where)
+    assert not flags(jnp.asarray(huge, jnp.bfloat16))
+    for bad in BAD_VALUES:
+        for base in (x, huge):
+            a = base.copy()
+            a[2, 3] = bad
+            assert flags(a) and not flags(a, where), (bad,)
+            a[4, 0] = bad
+            assert flags(a, where), (bad,)
+    assert flags(jnp.asarray(np.where(np.arange(30).reshape(6, 5) == 7, np.inf, x), jnp.bfloat16))
+    assert not flags(np.float32(3e30)) and flags(np.float32(np.nan))
+    assert not flags(huge.reshape(3, 2, 5)) and flags(np.full((2, 2, 2), np.inf, np.float32))
+    assert not flags(np.arange(4))  # integers are never non-finite
+    nan_in_huge = huge.copy()
+    nan_in_huge[1, 2] = np.nan
+    batched = jax.jit(jax.vmap(_checks.any_nonfinite))(np.stack([x, huge, nan_in_huge]))
+    np.testing.assert_array_equal(np.asarray(batched), [False, False, True])
+    # A loss on a finite row too long for its squared norm stays finite (not forced to NaN).
+    e, y = _batch(5)
+    e[BAD_ROW] *= 1e25
+    assert np.isfinite(float(losses.cosface_loss(e, y, cases.centers_for(D))))
 
 
 CODE = r"""
