@@ -161,9 +161,11 @@ def with_memory(
     if memory is None:
         return batch
     memory = check_memory(memory, batch.rows.shape[1])
-    embeddings, labels, valid = memory.embeddings, memory.labels, memory.valid
+    labels, valid = memory.labels, memory.valid
+    # Masked before the reordering: the same expression as the non-finite guard's, which XLA
+    # then computes once for both.
+    cols = jax.lax.stop_gradient(_checks.mask_rows(memory.embeddings, valid))
     if sort_by_label:
         order = _batch.label_order(labels, valid)
-        embeddings, labels, valid = embeddings[order], labels[order], valid[order]
-    cols = jax.lax.stop_gradient(_checks.mask_rows(embeddings, valid))
+        cols, labels, valid = cols[order], labels[order], valid[order]
     return _batch.append_memory(batch, cols, labels, valid, presorted=sort_by_label)

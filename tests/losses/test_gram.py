@@ -593,3 +593,19 @@ def test_normalized_squared_norms_are_those_of_l2_normalize_exactly():
     assert np.all(np.isfinite(grad))
     np.testing.assert_array_equal(np.asarray(grad)[[0, 1, 2, 3, 5]], 0.0)
     np.testing.assert_allclose(grad[4], 2 * w[4] * x[4] / 1e-24, rtol=1e-6)
+
+
+def test_augmented_squared_distances_stacks_every_block():
+    # One, two and three blocks of different widths (the same array twice among them, an
+    # empty last block): each column is that block row's squared distance, in block order.
+    rng = np.random.default_rng(11)
+    x = rng.normal(size=(5, 7)).astype(np.float32)
+    a = rng.normal(size=(3, 7)).astype(np.float32)
+    b = rng.normal(size=(6, 7)).astype(np.float32)
+    empty = np.zeros((0, 7), np.float32)
+    for blocks in ((a,), (x, x), (a, x, b), (x, a, x), (a, b, empty)):
+        got = np.asarray(jax.jit(_batch.augmented_squared_distances)(x, *blocks))
+        every = np.concatenate(blocks).astype(np.float64)
+        want = np.sum((x[:, None, :].astype(np.float64) - every[None]) ** 2, axis=-1)
+        assert got.shape == want.shape
+        np.testing.assert_allclose(got, want, atol=2e-5 * np.abs(want).max())
