@@ -81,26 +81,32 @@ def any_nonfinite(x: jax.typing.ArrayLike, where: jax.typing.ArrayLike | None = 
     Non-float ``x`` (labels, masks) is never non-finite. First the sum of the squared entries
     of the rows (``where`` False rows set to 0, float32): finite exactly when every entry is
     finite, unless a square overflows. Only when it is not finite does a ``lax.cond`` take the
-    exact check (a float sum of ``x - x``, NaN exactly when an entry is NaN or inf). The
-    squares are the expression the losses' norms compute (:func:`mask_rows` of the float32
-    rows, then ``sum(x * x, axis=-1)``), which XLA computes once for both: the guard then adds
-    no pass over ``x`` of its own.
+    exact check of ``x`` in its own dtype (a float sum of ``x - x``, NaN exactly when an entry
+    is NaN or inf; under ``vmap`` both run). The squares are the expression the losses' norms
+    compute (:func:`mask_rows` of the float32 rows, then ``sum(x * x, axis=-1)``), which XLA
+    computes once for both: the guard then adds no pass over ``x`` of its own.
     """
     x = jnp.asarray(x)
     if not jnp.issubdtype(x.dtype, jnp.inexact):
         return jnp.zeros((), jnp.bool_)
-    x = jax.lax.stop_gradient(x).astype(jnp.float32)
-    if where is not None and x.ndim >= 1:
+    x = jax.lax.stop_gradient(x)
+    if where is not None and x.ndim >= 1 and jnp.shape(where) == x.shape[:1]:
         where = jnp.asarray(where, jnp.bool_)
-        if where.shape == x.shape[:1]:
-            x = mask_rows(x, where)
-    squares = jnp.sum(x * x, axis=-1) if x.ndim else x * x
+    else:
+        where = None
+
+    def masked(v):
+        return v if where is None else mask_rows(v, where)
+
+    rows = masked(x.astype(jnp.float32))
+    squares = jnp.sum(rows * rows, axis=-1) if rows.ndim else rows * rows
     # A max, not a sum: XLA would merge two sums into one reduction of the squares, which
     # then could no longer be shared with the loss's norms.
     finite = jnp.isfinite(jnp.max(squares))
     # The first branch returns ``~finite`` (False there), not a constant: under shard_map both
     # branches must vary over the same mesh axes as ``x``.
-    return jax.lax.cond(finite, lambda v, f: ~f, lambda v, f: _exact_nonfinite(v), x, finite)
+    return jax.lax.cond(finite, lambda v, f: ~f, lambda v, f: _exact_nonfinite(masked(v)),
+                        x, finite)
 
 
 def _exact_nonfinite(x: jax.Array) -> jax.Array:

@@ -144,6 +144,11 @@ def test_any_nonfinite_is_exact_when_squares_overflow():
     assert not flags(np.float32(3e30)) and flags(np.float32(np.nan))
     assert not flags(huge.reshape(3, 2, 5)) and flags(np.full((2, 2, 2), np.inf, np.float32))
     assert not flags(np.arange(4))  # integers are never non-finite
+    with jax.enable_x64(True):  # the exact check reads x in its own dtype, not float32
+        wide = np.full((2, 3), 1e300)
+        assert not flags(wide)
+        wide[1, 1] = np.inf
+        assert flags(wide)
     nan_in_huge = huge.copy()
     nan_in_huge[1, 2] = np.nan
     batched = jax.jit(jax.vmap(_checks.any_nonfinite))(np.stack([x, huge, nan_in_huge]))
