@@ -41,7 +41,7 @@ install: $(TEST_STAMP)
 
 test: $(TEST_STAMP)
 	$(PY) -m ruff check dml_jax experiments tests benchmarks
-	$(PY) -m pytest -n 2 --dist loadgroup -m "not full_size" $(PYTEST_ARGS)
+	$(PY) -m pytest -n 2 --dist load -m "not full_size" $(PYTEST_ARGS)
 
 # The tests marked full_size: each seed paper's real network, one training step at its input
 # size and batch (minutes per network on a CPU).

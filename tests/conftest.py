@@ -14,6 +14,14 @@ import os
 import shutil
 import tempfile
 
+# A test whose xdist worker crashed runs once more on the replacement worker (the cache's rare
+# segfault, below): the plugin's hooks, loaded with this file.
+from tests._worker_crash import (  # noqa: F401
+    pytest_handlecrashitem,
+    pytest_report_teststatus,
+    pytest_terminal_summary,
+)
+
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 _CACHE_ENV = "DML_JAX_TEST_COMPILATION_CACHE"
@@ -26,8 +34,8 @@ if _CACHE_ENV in os.environ:
     os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.environ[_CACHE_ENV])
     # Only programs that take a second or more to compile (training steps, the larger
     # losses): serialising an executable for the cache has, rarely, segfaulted an xdist worker
-    # (docs/losses.md, the eighth and eleventh sessions' entries), so the small programs, most
-    # of the suite's compilations, are not written (the suite: 815 s at 1 s, 781-837 s at 0.3).
+    # (tests/_worker_crash.py runs that worker's test again), so the small programs, most of
+    # the suite's compilations, are not written (the suite: 815 s at 1 s, 781-837 s at 0.3).
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1.0")
 
 
