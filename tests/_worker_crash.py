@@ -14,7 +14,8 @@ the terminal summary, so a retry is never silent.
 The retry needs xdist's ``load`` scheduler (``make test`` runs ``--dist load``): the
 ``loadscope`` / ``loadgroup`` schedulers cannot put a test back in the queue, and in
 pytest-xdist 3.8 they hang the session when a crashed worker is replaced (pytest-xdist issues
-1323 and 1327, fixed after that release). Under them the crashed test fails as before.
+1323 and 1327, fixed after that release) or stop it with an internal error (issue 1189).
+Under them the crashed test fails as before.
 """
 
 from __future__ import annotations
