@@ -41,7 +41,7 @@ def pytest_handlecrashitem(crashitem: str, report: pytest.TestReport, sched) -> 
     report.outcome = "rerun"
 
 
-def pytest_report_teststatus(report: pytest.TestReport):
+def pytest_report_teststatus(report: pytest.TestReport) -> tuple | None:
     """The summary's category, letter and word of a crashed test that is run again."""
     if report.outcome == "rerun":
         return "rerun", "R", ("RERUN", {"yellow": True})
