@@ -9,7 +9,8 @@ the test to completion; so the test that was running when its worker died is sch
 again, once, on the replacement worker. A test that takes its worker down a second time
 fails, with xdist's "worker crashed while running" report, as it would without this plugin.
 Each retried test is counted as ``rerun`` in the summary line and named in its own section of
-the terminal summary, so a retry is never silent.
+the terminal summary, so a retry is never silent. (A multi-device test's subprocess that dies
+of the same crash is run again by ``tests/_subprocess.py``, with a warning.)
 
 The retry needs xdist's ``load`` scheduler (``make test`` runs ``--dist load``): the
 ``loadscope`` / ``loadgroup`` schedulers cannot put a test back in the queue, and in
