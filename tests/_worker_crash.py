@@ -6,11 +6,12 @@ has on rare occasions segfaulted a worker while serialising an executable for th
 in about one full run in five on the project's 2-core VMs, in tests of every kind, and never
 reproduced by the test alone). The crash is outside the test's code, and a fresh worker runs
 the test to completion; so the test that was running when its worker died is scheduled
-again, once, on the replacement worker. A test that takes its worker down a second time
+again, once, on the replacement worker. (xdist's controller, where this hook runs, does not
+see why a worker died, so any crash is retried once; ``tests/_subprocess.py``, which has the
+process's stderr, retries only this one.) A test that takes its worker down a second time
 fails, with xdist's "worker crashed while running" report, as it would without this plugin.
 Each retried test is counted as ``rerun`` in the summary line and named in its own section of
-the terminal summary, so a retry is never silent. (A multi-device test's subprocess that dies
-of the same crash is run again by ``tests/_subprocess.py``, with a warning.)
+the terminal summary, so a retry is never silent.
 
 The retry needs xdist's ``load`` scheduler (``make test`` runs ``--dist load``): the
 ``loadscope`` / ``loadgroup`` schedulers cannot put a test back in the queue, and in

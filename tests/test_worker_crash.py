@@ -49,30 +49,33 @@ def _session(tmp_path, always: bool, *options: str) -> subprocess.CompletedProce
     )
 
 
-def test_a_test_whose_worker_crashes_once_runs_again_and_passes(tmp_path):
-    proc = _session(tmp_path, False, "--dist", "load")
+@pytest.mark.parametrize(
+    "always, options, returncode, shown, hidden",
+    [
+        # crashing once: run again on the replacement worker, passed, the rerun named
+        (False, ("--dist", "load"), 0,
+         ("3 passed, 1 rerun", "tests run again after their worker crashed",
+          "RERUN test_crashing.py::test_crashes: worker 'gw0' crashed"), ()),
+        # crashing every time: one rerun, then xdist's failure
+        (True, ("--dist", "load"), 1,
+         ("1 failed, 2 passed, 1 rerun",
+          "crashed while running 'test_crashing.py::test_crashes'"), ()),
+        # loadscope cannot requeue a test: a failure, as without the plugin (no worker restart,
+        # where xdist 3.8 would hang or stop on this schedule)
+        (False, ("--dist", "loadscope", "--max-worker-restart", "0"), 1, ("1 failed",),
+         ("rerun",)),
+    ],
+    ids=["crashes once", "crashes every time", "loadscope"],
+)
+def test_a_crashed_workers_test_runs_once_more(tmp_path, always, options, returncode, shown,
+                                               hidden):
+    proc = _session(tmp_path, always, *options)
     out = proc.stdout
-    assert proc.returncode == 0, out + proc.stderr
-    assert "3 passed, 1 rerun" in out, out
-    assert "tests run again after their worker crashed" in out, out
-    assert "test_crashing.py::test_crashes" in out.split("worker crashed")[-1], out
-
-
-def test_a_test_whose_worker_crashes_every_time_fails(tmp_path):
-    proc = _session(tmp_path, True, "--dist", "load")
-    out = proc.stdout
-    assert proc.returncode == 1, out + proc.stderr
-    assert "1 failed, 2 passed, 1 rerun" in out, out
-    assert "crashed while running 'test_crashing.py::test_crashes'" in out, out
-
-
-def test_the_crash_stays_a_failure_where_the_scheduler_cannot_retry(tmp_path):
-    # loadscope cannot requeue a test: the crash is reported as a failure, as without the
-    # plugin (no worker restart, where xdist 3.8 would hang or stop on this schedule).
-    proc = _session(tmp_path, False, "--dist", "loadscope", "--max-worker-restart", "0")
-    out = proc.stdout
-    assert proc.returncode == 1, out + proc.stderr
-    assert "1 failed" in out and "rerun" not in out, out
+    assert proc.returncode == returncode, out + proc.stderr
+    for text in shown:
+        assert text in out, (text, out)
+    for text in hidden:
+        assert text not in out, (text, out)
 
 
 # faulthandler's report of the crash as an xdist worker printed it (paths shortened).
