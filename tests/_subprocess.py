@@ -16,32 +16,33 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
-# Where the faulthandler traceback of a process that segfaulted while writing an executable to
-# JAX's persistent compilation cache (tests/conftest.py turns the cache on) has its innermost
-# frame: the crash tests/_worker_crash.py retries in the xdist workers.
-_CACHE_WRITE_FRAME = "compilation_cache.py"
-_CACHE_WRITE_FUNCTION = "put_executable_and_time"
+# The files of JAX's compile-and-cache path (tests/conftest.py turns the persistent cache on):
+# a process has segfaulted with its innermost Python frame in either, compiling
+# (`backend_compile_and_load`) or serialising an executable for the cache
+# (`put_executable_and_time`), the crash tests/_worker_crash.py retries in the xdist workers.
+_COMPILATION_FILES = ("jax/_src/compiler.py", "jax/_src/compilation_cache.py")
 
 
-def crashed_writing_the_cache(returncode: int, stderr: str) -> bool:
-    """Whether a process died of a segfault inside JAX's persistent-cache write: killed by
-    SIGSEGV, with the first frame of faulthandler's current-thread traceback (``stderr``) in
-    ``jax/_src/compilation_cache.py``'s ``put_executable_and_time``."""
+def crashed_in_jax_compilation(returncode: int, stderr: str) -> bool:
+    """Whether a process died of a segfault inside JAX's compilation: killed by SIGSEGV, with
+    the first frame of faulthandler's current-thread traceback (``stderr``) in one of
+    :data:`_COMPILATION_FILES`."""
     if returncode != -signal.SIGSEGV:
         return False
     _, found, trace = stderr.partition("Current thread")
     frames = [line for line in trace.splitlines() if line.strip().startswith("File ")]
-    return bool(found and frames) and (
-        _CACHE_WRITE_FRAME in frames[0] and frames[0].rstrip().endswith(_CACHE_WRITE_FUNCTION)
-    )
+    if not (found and frames):
+        return False
+    innermost = frames[0].replace("\\", "/")
+    return any(f'{name}"' in innermost for name in _COMPILATION_FILES)
 
 
 def run_with_devices(code: str, num_devices: int = 8, timeout: float = 600.0) -> str:
     """Runs ``code`` with ``num_devices`` CPU devices and returns its stdout.
 
-    A run that segfaults inside JAX's persistent-cache write (:func:`crashed_writing_the_cache`)
-    is run once more, with a warning that names the crash; any other failure, or a second such
-    crash, raises ``AssertionError`` with the process's stderr.
+    A run that segfaults inside JAX's compilation (:func:`crashed_in_jax_compilation`) is run
+    once more, with a warning that names the crash; any other failure, or a second such crash,
+    raises ``AssertionError`` with the process's stderr.
     """
     env = dict(os.environ)
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={num_devices}"
@@ -57,11 +58,11 @@ def run_with_devices(code: str, num_devices: int = 8, timeout: float = 600.0) ->
             cwd=REPO_ROOT,
             timeout=timeout,
         )
-        if attempt or not crashed_writing_the_cache(proc.returncode, proc.stderr):
+        if attempt or not crashed_in_jax_compilation(proc.returncode, proc.stderr):
             break
         warnings.warn(
-            "the subprocess segfaulted writing JAX's persistent compilation cache; running it "
-            f"again:\n{proc.stderr[-2000:]}",
+            "the subprocess segfaulted inside JAX's compilation; running it again:\n"
+            f"{proc.stderr[-2000:]}",
             stacklevel=2,
         )
     if proc.returncode != 0:

@@ -1,17 +1,18 @@
 """A pytest plugin for ``pytest -n`` (xdist): a test whose worker process died runs once more.
 
-JAX's persistent compilation cache, which ``tests/conftest.py`` enables for the test session,
-has on rare occasions segfaulted a worker while serialising an executable for the cache
-(``jax/_src/compilation_cache.py``, ``put_executable_and_time``: ``executable.serialize()``;
-in about one full run in five on the project's 2-core VMs, in tests of every kind, and never
-reproduced by the test alone). The crash is outside the test's code, and a fresh worker runs
-the test to completion; so the test that was running when its worker died is scheduled
-again, once, on the replacement worker. (xdist's controller, where this hook runs, does not
-see why a worker died, so any crash is retried once; ``tests/_subprocess.py``, which has the
-process's stderr, retries only this one.) A test that takes its worker down a second time
-fails, with xdist's "worker crashed while running" report, as it would without this plugin.
-Each retried test is counted as ``rerun`` in the summary line and named in its own section of
-the terminal summary, so a retry is never silent.
+JAX has on rare occasions segfaulted a worker while compiling a program
+(``jax/_src/compiler.py``, ``backend_compile_and_load``) or serialising it for the persistent
+compilation cache that ``tests/conftest.py`` enables (``jax/_src/compilation_cache.py``,
+``put_executable_and_time``): in about one full run in five on the project's 2-core VMs, in
+tests of every kind, and never reproduced by the test alone. The crash is outside the test's
+code, and a fresh worker runs the test to completion; so the test that was running when its
+worker died is scheduled again, once, on the replacement worker. (xdist's controller, where
+this hook runs, does not see why a worker died, so any crash is retried once;
+``tests/_subprocess.py``, which has the process's stderr, retries only a segfault inside JAX's
+compilation.) A test that takes its worker down a second time fails, with xdist's "worker
+crashed while running" report, as it would without this plugin. Each retried test is counted as
+``rerun`` in the summary line and named in its own section of the terminal summary, so a retry
+is never silent.
 
 The retry needs xdist's ``load`` scheduler (``make test`` runs ``--dist load``): the
 ``loadscope`` / ``loadgroup`` schedulers cannot put a test back in the queue, and in

@@ -32,10 +32,11 @@ if _OWNS_CACHE:
     os.environ[_CACHE_ENV] = tempfile.mkdtemp(prefix="dml_jax_test_jit_cache_")
 if _CACHE_ENV in os.environ:
     os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.environ[_CACHE_ENV])
-    # Only programs that take a second or more to compile (training steps, the larger
-    # losses): serialising an executable for the cache has, rarely, segfaulted an xdist worker
-    # (tests/_worker_crash.py runs that worker's test again), so the small programs, most of
-    # the suite's compilations, are not written (the suite: 815 s at 1 s, 781-837 s at 0.3).
+    # Only programs that take a second or more to compile (training steps, the larger losses):
+    # JAX has, rarely, segfaulted an xdist worker while serialising an executable for the cache
+    # (and while compiling; tests/_worker_crash.py runs that worker's test again), so the small
+    # programs, most of the suite's compilations, are not written (the suite: 815 s at 1 s,
+    # 781-837 s at 0.3).
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1.0")
 
 

@@ -1,7 +1,7 @@
 """The test session's retries after a segfault: a crashed xdist worker's test
 (``tests/_worker_crash.py``), in pytest sessions of their own (a test whose worker dies once
 passes on the replacement, one that dies every time fails, and neither hangs), and a
-subprocess that died writing JAX's compilation cache (``tests/_subprocess.py``)."""
+subprocess that died inside JAX's compilation (``tests/_subprocess.py``)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from tests._subprocess import REPO_ROOT, crashed_writing_the_cache, run_with_devices
+from tests._subprocess import REPO_ROOT, crashed_in_jax_compilation, run_with_devices
 
 # A test that kills its worker (as a segfault would): on its first run only (it leaves a flag
 # behind), or on every run with `always`; a test before and after it.
@@ -78,7 +78,8 @@ def test_a_crashed_workers_test_runs_once_more(tmp_path, always, options, return
         assert text not in out, (text, out)
 
 
-# faulthandler's report of the crash as an xdist worker printed it (paths shortened).
+# faulthandler's reports of the crash as xdist workers printed them (paths shortened): in the
+# cache's serialisation, and in XLA's compile.
 _CACHE_CRASH = """Fatal Python error: Segmentation fault
 
 Thread 0x00007f65977fe6c0 (most recent call first):
@@ -88,33 +89,42 @@ Current thread 0x00007f664cbdbb80 (most recent call first):
   File "/venv/site-packages/jax/_src/compilation_cache.py", line 368 in put_executable_and_time
   File "/venv/site-packages/jax/_src/compiler.py", line 828 in _cache_write
 """
+_COMPILE_CRASH = """Fatal Python error: Segmentation fault
+
+Current thread 0x00007ff3965edb80 (most recent call first):
+  File "/venv/site-packages/jax/_src/compiler.py", line 353 in backend_compile_and_load
+  File "/venv/site-packages/jax/_src/profiler.py", line 420 in wrapper
+"""
 
 
-def test_only_a_segfault_in_the_cache_write_counts_as_that_crash():
+def test_only_a_segfault_inside_jax_compilation_counts_as_that_crash():
     sigsegv = -11
-    assert crashed_writing_the_cache(sigsegv, _CACHE_CRASH)
-    assert not crashed_writing_the_cache(1, _CACHE_CRASH)  # not a segfault
-    assert not crashed_writing_the_cache(-6, _CACHE_CRASH)  # an abort
-    assert not crashed_writing_the_cache(sigsegv, "")  # no traceback
+    assert crashed_in_jax_compilation(sigsegv, _CACHE_CRASH)
+    assert crashed_in_jax_compilation(sigsegv, _COMPILE_CRASH)
+    assert not crashed_in_jax_compilation(1, _CACHE_CRASH)  # not a segfault
+    assert not crashed_in_jax_compilation(-6, _COMPILE_CRASH)  # an abort
+    assert not crashed_in_jax_compilation(sigsegv, "")  # no traceback
     elsewhere = _CACHE_CRASH.replace(
         "Current thread 0x00007f664cbdbb80 (most recent call first):\n",
         "Current thread 0x00007f664cbdbb80 (most recent call first):\n"
         '  File "/repo/dml_jax/losses/triplet.py", line 10 in _count_below\n',
     )
-    assert not crashed_writing_the_cache(sigsegv, elsewhere)  # the crash is in another frame
+    assert not crashed_in_jax_compilation(sigsegv, elsewhere)  # the crash is in another frame
     other_thread = _CACHE_CRASH.replace("Current thread", "Thread")
-    assert not crashed_writing_the_cache(sigsegv, other_thread)
+    assert not crashed_in_jax_compilation(sigsegv, other_thread)
+    lookalike = _COMPILE_CRASH.replace("jax/_src/compiler.py", "jax/_src/compiler.pyx")
+    assert not crashed_in_jax_compilation(sigsegv, lookalike)
 
 
-# A snippet that segfaults (SIGSEGV, with faulthandler's report) inside a function named like
-# JAX's cache write, in a file at the path the check looks for (`where`), and counts its runs.
+# A snippet that segfaults (SIGSEGV, with faulthandler's report) inside `function` of a module
+# at `path` under its directory (a fake of JAX's file there), and counts its runs.
 _SEGFAULTING = """
 import importlib.util, os, signal
 from pathlib import Path
 
 runs = Path({runs!r})
 runs.write_text(runs.read_text() + "x" if runs.exists() else "x")
-spec = importlib.util.spec_from_file_location("fake_cache", {module!r})
+spec = importlib.util.spec_from_file_location("fake", {module!r})
 fake = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(fake)
 if {always!r} or len(runs.read_text()) == 1:
@@ -123,8 +133,9 @@ print("done after", len(runs.read_text()), "runs")
 """
 
 
-def _segfaulting(tmp_path, always: bool, function: str = "put_executable_and_time") -> str:
-    module = tmp_path / "jax" / "_src" / "compilation_cache.py"
+def _segfaulting(tmp_path, always: bool, path: str = "jax/_src/compilation_cache.py",
+                 function: str = "put_executable_and_time") -> str:
+    module = tmp_path / path
     module.parent.mkdir(parents=True)
     module.write_text(
         f"import os, signal\n\n\ndef {function}():\n    os.kill(os.getpid(), signal.SIGSEGV)\n"
@@ -133,16 +144,21 @@ def _segfaulting(tmp_path, always: bool, function: str = "put_executable_and_tim
                                function=function)
 
 
-def test_a_subprocess_that_crashed_writing_the_cache_runs_again(tmp_path):
-    with pytest.warns(UserWarning, match="segfaulted writing JAX's persistent compilation"):
-        out = run_with_devices(_segfaulting(tmp_path, always=False), num_devices=1)
+@pytest.mark.parametrize("path, function", [
+    ("jax/_src/compilation_cache.py", "put_executable_and_time"),
+    ("jax/_src/compiler.py", "backend_compile_and_load"),
+])
+def test_a_subprocess_that_crashed_inside_jax_compilation_runs_again(tmp_path, path, function):
+    with pytest.warns(UserWarning, match="segfaulted inside JAX's compilation"):
+        out = run_with_devices(_segfaulting(tmp_path, False, path, function), num_devices=1)
     assert out.strip() == "done after 2 runs"
 
 
-def test_a_second_cache_crash_or_another_segfault_fails(tmp_path):
+def test_a_second_compilation_crash_or_another_segfault_fails(tmp_path):
     with pytest.warns(UserWarning), pytest.raises(AssertionError, match="subprocess failed"):
         run_with_devices(_segfaulting(tmp_path / "twice", always=True), num_devices=1)
     assert (tmp_path / "twice" / "runs").read_text() == "xx"
     with pytest.raises(AssertionError, match="subprocess failed"):
-        run_with_devices(_segfaulting(tmp_path / "other", False, "elsewhere"), num_devices=1)
+        run_with_devices(_segfaulting(tmp_path / "other", False, "dml_jax/losses/triplet.py",
+                                      "put_executable_and_time"), num_devices=1)
     assert (tmp_path / "other" / "runs").read_text() == "x"  # not run again
